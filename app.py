@@ -1,0 +1,383 @@
+"""Stream an LLM's chat reply to the browser as Server-Sent Events.
+
+One Flask module: ``POST /api/chat`` takes ``{"messages": [...]}`` and answers with
+``text/event-stream``, one ``data: {"content": ...}`` event per token and ``data: [DONE]``
+at the end. The upstream is any OpenAI-compatible server, reached with the official
+``openai`` SDK; with neither ``OPENAI_API_KEY`` nor ``OPENAI_BASE_URL`` set, a built-in
+demo model answers, so everything runs offline.
+
+Run it:   gunicorn -c gunicorn.conf.py app:app      (production: gevent workers)
+          flask --app app run                         (development)
+Mount it: from app import chat; other_app.register_blueprint(chat, url_prefix="/assistant")
+"""
+
+import json
+import logging
+import os
+import re
+import time
+import uuid
+
+import httpx2  # the openai SDK's HTTP client: its errors surface once the body is being read
+import openai
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger("chat")
+
+# Every setting, its default, and its type: read from the environment by config_from_env().
+DEFAULTS = {
+    "OPENAI_API_KEY": "",  # neither this nor OPENAI_BASE_URL: the built-in demo model answers
+    "OPENAI_BASE_URL": "",  # e.g. http://127.0.0.1:11434/v1 (Ollama), http://127.0.0.1:8000/v1 (vLLM)
+    "CHAT_MODEL": "gpt-4o-mini",  # the model used when a request names none
+    "CHAT_MODELS": "",  # comma-separated models a request may ask for; empty: just CHAT_MODEL
+    "CHAT_SYSTEM_PROMPT": "",  # prepended as a system message when set
+    "CHAT_HEARTBEAT_SECONDS": 15.0,  # a ": ping" comment after this much silence
+    "CHAT_MAX_BODY_BYTES": 1_048_576,  # larger request bodies get 413 (nginx.conf says the same)
+    "CHAT_MAX_MESSAGES": 200,  # longer conversations get 400
+    "CHAT_UPSTREAM_RETRIES": 1,  # the SDK's retries, before the first byte only
+    "CHAT_CONNECT_TIMEOUT": 5.0,  # seconds to open a connection to the upstream
+    "CHAT_DEMO_WORD_SECONDS": 0.05,  # the demo model's pace: slow enough to watch it type
+}
+
+ROLES = {"system", "developer", "user", "assistant"}
+MESSAGE_FIELDS = {"role", "content", "name"}
+REQUEST_FIELDS = {"messages", "model"}
+
+
+def config_from_env(environ=os.environ):
+    """Read every setting from the environment, cast to the type of its default."""
+    return {key: type(default)(environ.get(key, default)) for key, default in DEFAULTS.items()}
+
+
+def allowed_models(config):
+    """Return the models a request may name: CHAT_MODELS, or just CHAT_MODEL."""
+    models = [name.strip() for name in config["CHAT_MODELS"].split(",") if name.strip()]
+    return models or [config["CHAT_MODEL"]]
+
+
+# --- Server-Sent Events ---------------------------------------------------------------------
+
+DONE = b"data: [DONE]\n\n"
+
+
+def sse(payload):
+    """Encode one event: `data: <json>` and the blank line that ends it (one line, as JSON escapes newlines)."""
+    return b"data: " + json.dumps(payload, ensure_ascii=False).encode("utf-8", "replace") + b"\n\n"
+
+
+# --- Upstreams: the openai SDK stream and the demo model, one interface ------------------------
+#
+# An upstream is an iterator of text deltas with a close() method; once exhausted it has set
+# `finish_reason` and `usage`. The relay below cannot tell the two apart.
+
+
+class UpstreamError(Exception):
+    """The upstream failed after the stream began; `code` goes on the wire, the message to the user."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
+class OpenAIStream:
+    """Read the chat completion's SSE body ourselves: the SDK made the request, we parse the lines.
+
+    Building the SDK's typed chunk objects costs several times more CPU per token than
+    `json.loads` on the line, and the relay needs only three fields.
+    """
+
+    def __init__(self, response):
+        self.response = response  # an openai APIResponse, opened with with_streaming_response
+        self.finish_reason = None
+        self.usage = None
+
+    def __iter__(self):
+        for line in self.response.iter_lines():
+            if not line.startswith("data:"):
+                continue  # blank lines end events; ":" lines are comments
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return
+            chunk = json.loads(data)
+            if chunk.get("error"):
+                raise UpstreamError("The model stopped with an error.", "upstream_error")
+            if chunk.get("usage"):
+                self.usage = chunk["usage"]
+            for choice in chunk.get("choices") or ():  # the usage chunk has no choices
+                self.finish_reason = choice.get("finish_reason") or self.finish_reason
+                content = (choice.get("delta") or {}).get("content")
+                if content:
+                    yield content
+        if self.finish_reason is None:  # no [DONE], no finish_reason: the upstream was cut off
+            raise UpstreamError("The reply was cut off.", "upstream_incomplete")
+
+    def close(self):
+        self.response.close()
+
+
+class DemoStream:
+    """A stand-in model: a fixed reply, word by word, so the service runs with no key and no network."""
+
+    def __init__(self, messages, seconds_per_word):
+        said = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        said = " ".join(said.split())[:200]
+        reply = (
+            "Hello! I am the built-in demo model, streaming this reply word by word over "
+            f'Server-Sent Events. You said: "{said}". Set OPENAI_API_KEY, or OPENAI_BASE_URL '
+            "for a local server such as Ollama or vLLM, to talk to a real model."
+        )
+        self.words = re.findall(r"\S+\s*", reply)
+        self.prompt_words = sum(len(m["content"].split()) for m in messages)
+        self.seconds_per_word = seconds_per_word
+        self.closed = False
+        self.finish_reason = None
+        self.usage = None
+
+    def __iter__(self):
+        for word in self.words:
+            time.sleep(self.seconds_per_word)
+            if self.closed:
+                return
+            yield word
+        self.finish_reason = "stop"
+        self.usage = {
+            "prompt_tokens": self.prompt_words,
+            "completion_tokens": len(self.words),
+            "total_tokens": self.prompt_words + len(self.words),
+        }
+
+    def close(self):
+        self.closed = True
+
+
+def openai_client(app):
+    """Return this process's SDK client for `app`; a new one after a fork, as sockets cannot be shared."""
+    pid, client = app.extensions.get("chat.openai", (None, None))
+    if pid != os.getpid():
+        config = app.config
+        client = openai.OpenAI(
+            # A local server (Ollama, vLLM, llama.cpp) needs no key, but the SDK insists on one.
+            api_key=config["OPENAI_API_KEY"] or "unused",
+            base_url=config["OPENAI_BASE_URL"] or None,
+            max_retries=config["CHAT_UPSTREAM_RETRIES"],
+            timeout=openai.Timeout(None, connect=config["CHAT_CONNECT_TIMEOUT"]),
+        )
+        app.extensions["chat.openai"] = (os.getpid(), client)
+    return client
+
+
+def open_upstream(config, model, messages):
+    """Start the completion and wait for its response headers, so a refusal can still be an HTTP status."""
+    if not config["OPENAI_API_KEY"] and not config["OPENAI_BASE_URL"]:
+        return DemoStream(messages, config["CHAT_DEMO_WORD_SECONDS"])
+    completion = openai_client(current_app).chat.completions.with_streaming_response.create(
+        model=model,
+        messages=messages,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    return OpenAIStream(completion.__enter__())  # sends it; a 4xx/5xx raises here, before our headers
+
+
+def describe_failure(exc):
+    """Map an upstream failure to (HTTP status, code, message for a person), hiding upstream internals."""
+    if isinstance(exc, UpstreamError):
+        return 502, exc.code, str(exc)
+    if isinstance(exc, httpx2.TimeoutException):
+        return 504, "upstream_timeout", "The model stopped answering."
+    if isinstance(exc, httpx2.TransportError):  # e.g. the connection closed in the middle of the body
+        return 502, "upstream_cut", "The connection to the model was lost."
+    if isinstance(exc, openai.APITimeoutError):
+        return 504, "upstream_timeout", "The model took too long to answer."
+    if isinstance(exc, openai.APIConnectionError):
+        return 502, "upstream_unreachable", "The model could not be reached."
+    if isinstance(exc, openai.APIStatusError):
+        if exc.status_code == 429:
+            return 429, "rate_limited", "The model is busy. Please try again shortly."
+        if exc.status_code in (401, 403):  # the upstream's text can echo part of the key
+            return 502, "upstream_auth", "The service could not authenticate with the model."
+        if exc.status_code == 400:  # e.g. the conversation is longer than the model's context
+            return 400, "upstream_rejected", upstream_message(exc)
+        return 502, "upstream_error", "The model failed to answer."
+    return 502, "upstream_error", "The connection to the model failed."
+
+
+def upstream_message(exc):
+    """Return the message of an upstream 400 (the SDK's body is the `error` object, or text)."""
+    body = exc.body if isinstance(exc.body, dict) else {}
+    return str(body.get("message") or "The model rejected the request.")[:500]
+
+
+# --- The relay: upstream deltas in, SSE events out --------------------------------------------
+
+
+def relay(upstream, stream_id, model):
+    """Yield one event per delta, then the end event and [DONE]; close the upstream however we leave."""
+    started, events, outcome = time.monotonic(), 0, "client_gone"
+    try:
+        for delta in upstream:
+            events += 1
+            yield sse({"content": delta})
+        end = {"content": "", "finish_reason": upstream.finish_reason, "usage": upstream.usage}
+        outcome = "done"
+        yield sse(end)
+        yield DONE
+    except Exception as exc:  # never BaseException: GeneratorExit must reach `finally`
+        status, code, message = describe_failure(exc)
+        outcome = f"error:{code}"
+        log.warning("stream %s upstream failed: %s", stream_id, type(exc).__name__)
+        yield sse({"error": message, "code": code})
+    finally:
+        upstream.close()
+        log.info(
+            "stream %s model=%s end=%s events=%d duration=%.3fs",
+            stream_id,
+            model,
+            outcome,
+            events,
+            time.monotonic() - started,
+        )
+
+
+# --- The blueprint: the API and the page ------------------------------------------------------
+
+chat = Blueprint("chat", __name__)
+
+
+@chat.record_once
+def apply_defaults(state):
+    """Fill in settings the host app has not set, and say once if the demo model will answer."""
+    for key, value in config_from_env().items():
+        state.app.config.setdefault(key, value)
+    if not state.app.config["OPENAI_API_KEY"] and not state.app.config["OPENAI_BASE_URL"]:
+        log.warning(
+            "No OPENAI_API_KEY or OPENAI_BASE_URL: the built-in demo model answers. "
+            "Set OPENAI_API_KEY for OpenAI, or OPENAI_BASE_URL for a compatible server."
+        )
+
+
+def error(status, code, message, headers=None):
+    """Answer with the JSON error body every non-stream failure uses."""
+    return jsonify(error={"message": message, "code": code}), status, headers or {}
+
+
+class BadRequest(Exception):
+    """The request is unusable; the message names what is wrong, `status` is the 4xx to answer."""
+
+    def __init__(self, message, status=400, code="invalid_request"):
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+def read_body(limit):
+    """Return the request body, refusing more than `limit` bytes even when it comes chunked, with no length."""
+    if (request.content_length or 0) > limit:
+        raise BadRequest(f"The body is larger than {limit} bytes.", 413, "body_too_large")
+    chunks, size = [], 0
+    while chunk := request.stream.read(65536):
+        size += len(chunk)
+        if size > limit:
+            raise BadRequest(f"The body is larger than {limit} bytes.", 413, "body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_chat_request(config):
+    """Return (model, messages) from the request body, or raise BadRequest naming what is wrong."""
+    if request.mimetype != "application/json":
+        raise BadRequest("Content-Type must be application/json.", 415, "unsupported_media_type")
+    try:
+        body = json.loads(read_body(config["CHAT_MAX_BODY_BYTES"]).decode("utf-8"))
+    except UnicodeDecodeError:
+        raise BadRequest("The body is not UTF-8.") from None
+    except RecursionError:
+        raise BadRequest("The body is nested too deeply.") from None
+    except ValueError as exc:
+        raise BadRequest(f"The body is not valid JSON: {exc}.") from None
+    if not isinstance(body, dict):
+        raise BadRequest("The body must be a JSON object.")
+    unknown = sorted(set(body) - REQUEST_FIELDS)
+    if unknown:
+        raise BadRequest(f"Unknown field: {unknown[0]}.")
+
+    model = body.get("model", config["CHAT_MODEL"])
+    if model not in allowed_models(config):
+        raise BadRequest(f"Unknown model: {str(model)[:100]}. Allowed: {', '.join(allowed_models(config))}.")
+
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages must be a non-empty list.")
+    if len(messages) > config["CHAT_MAX_MESSAGES"]:
+        raise BadRequest(f"messages has more than {config['CHAT_MAX_MESSAGES']} items.")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise BadRequest(f"messages[{i}] must be an object.")
+        unknown = sorted(set(message) - MESSAGE_FIELDS)
+        if unknown:
+            raise BadRequest(f"messages[{i}] has an unknown field: {unknown[0]}.")
+        if message.get("role") not in ROLES:
+            raise BadRequest(f"messages[{i}].role must be one of {', '.join(sorted(ROLES))}.")
+        if not isinstance(message.get("content"), str):
+            raise BadRequest(f"messages[{i}].content must be a string.")
+    if config["CHAT_SYSTEM_PROMPT"]:
+        messages = [{"role": "system", "content": config["CHAT_SYSTEM_PROMPT"]}, *messages]
+    return model, messages
+
+
+@chat.post("/api/chat")
+def chat_completion():
+    """Validate, open the upstream, then stream: every failure before the first byte is an HTTP status."""
+    config = current_app.config
+    try:
+        model, messages = parse_chat_request(config)
+    except BadRequest as exc:
+        return error(exc.status, exc.code, str(exc))
+    try:
+        upstream = open_upstream(config, model, messages)
+    except openai.OpenAIError as exc:
+        status, code, message = describe_failure(exc)
+        retry_after = exc.response.headers.get("Retry-After") if status == 429 else None
+        headers = {"Retry-After": retry_after} if retry_after else None
+        log.warning("upstream refused: %s %s", status, code)
+        return error(status, code, message, headers)
+
+    stream_id = uuid.uuid4().hex[:12]
+    return Response(
+        relay(upstream, stream_id, model),
+        # No "Connection: keep-alive": it is hop-by-hop, gunicorn drops it and HTTP/2 forbids it.
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": stream_id},
+        content_type="text/event-stream",  # UTF-8 by definition: no charset parameter needed
+    )
+
+
+@chat.route("/api/chat", methods=["GET", "PUT", "PATCH", "DELETE"])
+def chat_wrong_method():
+    """Answer a wrong method with the same JSON error as everything else (Flask's 405 is HTML)."""
+    return error(405, "method_not_allowed", "Use POST.", {"Allow": "POST"})
+
+
+@chat.errorhandler(HTTPException)
+def http_error(exc):
+    """Turn werkzeug's HTML errors (413 from the body limit, say) into the JSON error body."""
+    return error(exc.code, exc.name.lower().replace(" ", "_"), exc.description)
+
+
+@chat.get("/healthz")
+def healthz():
+    """Answer load balancers and systemd checks without touching the upstream."""
+    return {"status": "ok"}
+
+
+# --- The application --------------------------------------------------------------------------
+
+
+def create_app(config=None):
+    """Build a Flask app serving the chat blueprint; `config` overrides the environment."""
+    app = Flask(__name__)
+    app.config.update(config or {})
+    app.register_blueprint(chat)
+    return app
+
+
+app = create_app()
