@@ -242,7 +242,8 @@ def relay(upstream, stream_id, model):
 
 # --- The blueprint: the API and the page ------------------------------------------------------
 
-chat = Blueprint("chat", __name__)
+# The page's files get their own URL path: an app's /static would shadow an unprefixed blueprint's.
+chat = Blueprint("chat", __name__, static_folder="static", static_url_path="/chat-static")
 
 
 @chat.record_once
@@ -363,6 +364,12 @@ def http_error(exc):
     return error(exc.code, exc.name.lower().replace(" ", "_"), exc.description)
 
 
+@chat.get("/")
+def page():
+    """Serve the chat page; its URLs are relative, so it works under any url_prefix."""
+    return chat.send_static_file("index.html")
+
+
 @chat.get("/healthz")
 def healthz():
     """Answer load balancers and systemd checks without touching the upstream."""
@@ -374,7 +381,7 @@ def healthz():
 
 def create_app(config=None):
     """Build a Flask app serving the chat blueprint; `config` overrides the environment."""
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # the blueprint serves static/ at /chat-static
     app.config.update(config or {})
     app.register_blueprint(chat)
     return app
