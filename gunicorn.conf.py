@@ -4,33 +4,107 @@ Every setting can be overridden from the environment (names below) or the comman
 (`-b 0.0.0.0:8000`, `-w 4`); GUNICORN_CMD_ARGS works too. Do not import the app here: gevent
 must patch the standard library before `ssl` and the openai SDK are imported, which the gevent
 worker does after it forks.
+
+Laid out like gunicorn's own example_config.py: each setting with why, and its safe range.
+Reference: https://gunicorn.org/reference/settings/
 """
 
 import os
 
-# Where to listen. nginx proxies to this address; keep it on loopback unless nginx runs elsewhere.
+#
+# Server socket
+#
+#   bind - Where to listen. nginx proxies to this address: keep it on loopback unless nginx runs on
+#       another machine (then the private address, e.g. 0.0.0.0:8000 behind a firewall, and set
+#       FORWARDED_ALLOW_IPS below to nginx's address).
+#
+#   backlog - Connections the kernel queues before a worker accepts them. A deploy or a burst of
+#       new chats arrives all at once; past the backlog, clients get refused. The kernel caps it at
+#       net.core.somaxconn (4096 since Linux 5.4, 128 before): raise that too on an old kernel.
+#       Range 64-8192.
+#
+
 bind = os.environ.get("GUNICORN_BIND", "127.0.0.1:8000")
+backlog = int(os.environ.get("GUNICORN_BACKLOG", 2048))
 
-# gevent: each open stream is a greenlet of a few KB, not a thread, so one worker holds thousands.
-# A sync or gthread worker holds one stream per thread and stops streaming when they run out.
+#
+# Worker processes
+#
+#   worker_class - gevent: each open stream is a greenlet of a few KB, not a thread, so one worker
+#       holds thousands. A sync or gthread worker holds one stream per thread and stops streaming
+#       when they run out.
+#
+#   workers - One per core: a worker is one process on one core, whatever its number of streams.
+#       WEB_CONCURRENCY is the conventional name (gunicorn reads it too). Range 1 to 2 x cores.
+#
+#   worker_connections - Connections one worker holds at once: open streams plus idle keep-alive
+#       connections from nginx. Past it, the worker stops accepting until one closes. Each stream
+#       costs 2 file descriptors (the client's socket and the one to the model), so the process's
+#       descriptor limit (systemd LimitNOFILE, `ulimit -n`) must exceed 2 x worker_connections plus
+#       slack (~100 for logs, the listening socket, the SDK's pool); the README's unit sets 65536.
+#       Range 100-10000 per worker.
+#
+#   timeout - NOT the length of a request. For gevent workers it is the worker process's heartbeat:
+#       the master kills a worker that has not checked in for this many seconds, i.e. one whose
+#       event loop is blocked (CPU-bound code, a call gevent did not patch). A stream of any length
+#       is fine; raising this only delays the restart of a stuck worker. Range 10-120.
+#
+#   graceful_timeout - On SIGTERM (a deploy, `systemctl restart`), workers stop accepting and give
+#       running streams this long to finish before they are killed. A long reply from a slow model
+#       takes one to two minutes, so 120 s lets it end normally instead of being cut mid-sentence.
+#       The systemd unit's TimeoutStopSec must be above it (the README's says 150). Range 30-600.
+#
+#   keepalive - Seconds an idle connection from nginx stays open for the next request. Behind nginx
+#       it should outlast nginx's own upstream `keepalive_timeout` (60 s in nginx.conf), so that
+#       nginx, not gunicorn, closes idle connections, and a POST never lands on one gunicorn is
+#       closing. An idle connection is one greenlet and one descriptor. Range 2 (no proxy) to 300.
+#
+
 worker_class = "gevent"
-
-# One worker per core: a worker is one process on one core, whatever its number of streams.
-# (WEB_CONCURRENCY is the conventional name, read by gunicorn itself too.)
 workers = int(os.environ.get("WEB_CONCURRENCY", os.cpu_count() or 1))
-
-# Concurrent connections (open streams plus idle keep-alive sockets) per worker. Range 100-10000.
 worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS", 1000))
+timeout = int(os.environ.get("GUNICORN_TIMEOUT", 30))
+graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", 120))
+keepalive = int(os.environ.get("GUNICORN_KEEPALIVE", 75))
 
-# Never set preload_app = True: the app (and the openai SDK, and ssl) would be imported in the
-# master before gevent patches them, and streams would block each other.
+#
+# Loading the application
+#
+#   preload_app - Never True: the app (and the openai SDK, and ssl) would be imported in the master
+#       before gevent patches them, and streams would block each other.
+#
+
 preload_app = False
 
-# gunicorn's control socket ($HOME/.gunicorn/gunicorn.ctl) is one path per user: two instances on
-# one machine would fight over it. Turn it back on if you use gunicornc.
-control_socket_disable = True
+#
+# Behind a proxy
+#
+#   forwarded_allow_ips - Addresses whose X-Forwarded-Proto (and the like) gunicorn believes, so
+#       the app sees `https` when nginx terminated TLS. Only nginx: anyone else could claim https.
+#       The same machine by default; nginx's address when it runs elsewhere. Never "*" on a port
+#       others can reach.
+#
 
-# Send the application's "chat" log (one line per stream) to stderr with gunicorn's own lines.
+forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1")
+
+#
+# Logging
+#
+#   access_log_format - One line per request when it ends; for a stream that is when the stream
+#       ends, so %(M)s (milliseconds) is the stream's whole duration. %(h)s is nginx's address,
+#       %({x-forwarded-for}i)s the browser's, %({x-request-id}i)s the id in nginx's own log line.
+#
+#   logconfig_dict - Send the application's "chat" log (one line per stream) to stderr with
+#       gunicorn's own lines, and the access log to stdout; journald keeps both. (Setting it turns
+#       the access log on, so `accesslog` is not needed.)
+#
+#   control_socket_disable - gunicorn's control socket ($HOME/.gunicorn/gunicorn.ctl) is one path
+#       per user: two instances on one machine would fight over it. Turn it back on if you use
+#       gunicornc.
+#
+
+access_log_format = '%(h)s %({x-forwarded-for}i)s "%(r)s" %(s)s %(B)s %(M)sms rid=%({x-request-id}i)s "%(a)s"'
+
 logconfig_dict = {
     "root": {"level": "INFO", "handlers": ["error_console"]},
     "loggers": {
@@ -39,3 +113,5 @@ logconfig_dict = {
         "httpx2": {"level": "WARNING"},  # the SDK's HTTP client logs every request at INFO
     },
 }
+
+control_socket_disable = True
