@@ -55,9 +55,11 @@ backlog = int(os.environ.get("GUNICORN_BACKLOG", 2048))
 #       The systemd unit's TimeoutStopSec must be above it (the README's says 150). Range 30-600.
 #
 #   keepalive - Seconds an idle connection from nginx stays open for the next request. Behind nginx
-#       it should outlast nginx's own upstream `keepalive_timeout` (60 s in nginx.conf), so that
-#       nginx, not gunicorn, closes idle connections, and a POST never lands on one gunicorn is
-#       closing. An idle connection is one greenlet and one descriptor. Range 2 (no proxy) to 300.
+#       it must outlast nginx's own upstream `keepalive_timeout` (4 s in nginx.conf), so that nginx,
+#       not gunicorn, closes idle connections and a POST never lands on one gunicorn is closing
+#       (nginx does not resend a POST). Keep it short all the same: on SIGTERM a worker waits for
+#       its idle connections as for running streams, so this delays the end of a deploy.
+#       Range 2 (no proxy in front) to 75; always above the proxy's idle timeout.
 #
 
 worker_class = "gevent"
@@ -65,7 +67,7 @@ workers = int(os.environ.get("WEB_CONCURRENCY", os.cpu_count() or 1))
 worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS", 1000))
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", 30))
 graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", 120))
-keepalive = int(os.environ.get("GUNICORN_KEEPALIVE", 75))
+keepalive = int(os.environ.get("GUNICORN_KEEPALIVE", 5))
 
 #
 # Loading the application

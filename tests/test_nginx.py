@@ -1,0 +1,451 @@
+"""nginx.conf, run by the real nginx in front of live gunicorns: the SSE pitfalls, limits, scale-out.
+
+Each nginx renders the shipped nginx.conf with only its addresses and paths replaced (`render`);
+a few tests replace one more directive (a short read timeout, a small limit), and say why.
+"""
+
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, LiveServer, free_port, post_chat, start_gunicorn
+
+CONF = ROOT / "nginx.conf"
+HI = {"messages": [{"role": "user", "content": "Hi"}]}
+LIMIT = 1_048_576  # the app's CHAT_MAX_BODY_BYTES default; nginx.conf says `client_max_body_size 1m`
+
+
+def nginx_binary():
+    """Return nginx's path; a missing nginx skips on a developer's machine and fails in CI."""
+    path = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("nginx is not installed; .ci/run installs Debian's package")
+        pytest.skip("nginx is not installed (apt-get install nginx)")
+    return path
+
+
+def render(directory, port, app_servers, replace=()):
+    """Write nginx.conf into `directory` listening on `port`, proxying to `app_servers`; return its path."""
+    text = CONF.read_text()
+    server_line = re.search(r"^(\s*)server 127\.0\.0\.1:8000( [^;\n]*)?;$", text, re.M)
+    assert server_line, "nginx.conf has no `server 127.0.0.1:8000 ...;` line in its upstream block"
+    indent, params = server_line.group(1), server_line.group(2) or ""
+    servers = "".join(f"{indent}server {address}{params};" for address in app_servers)
+    temp_paths = "".join(
+        f"\n    {kind}_temp_path {directory}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    pairs = [
+        (server_line.group(0), servers),
+        ("listen 80;", f"listen 127.0.0.1:{port};"),
+        ("/srv/chat/static", str(ROOT / "static")),
+        ("/var/log/nginx/", f"{directory}/"),
+        ("/run/nginx.pid", f"{directory}/nginx.pid"),
+        # www-data cannot enter pytest's private temp dir; as non-root, `user` would only warn.
+        ("user www-data;", "user root;" if os.geteuid() == 0 else ""),
+        ("\nhttp {", "\nhttp {" + temp_paths),  # the compiled-in temp paths need root
+        *replace,
+    ]
+    for old, new in pairs:
+        assert old in text, f"nginx.conf no longer contains {old!r}"
+        text = text.replace(old, new)
+    path = Path(directory) / "nginx.conf"
+    path.write_text(text)
+    return path
+
+
+class Nginx(LiveServer):
+    """nginx in the foreground on a free port, its logs and temp files in its own directory."""
+
+    def __init__(self, name, directory, app_servers, replace=()):
+        self.directory = Path(directory)
+        port = free_port()
+        self.conf = render(directory, port, app_servers, replace)
+        command = [nginx_binary(), "-p", str(directory), "-e", str(self.directory / "error.log")]
+        command += ["-c", str(self.conf), "-g", "daemon off;"]
+        super().__init__(name, command, port, log_dir=directory)
+
+    def wait_ready(self, path, timeout=30):
+        """Ready when the port accepts: no URL of the config under test is assumed to work."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError(f"{self.name} not ready after {timeout}s:\n{self.log()}")
+
+    def log(self):
+        error_log = self.directory / "error.log"
+        return super().log() + (error_log.read_text(errors="replace") if error_log.exists() else "")
+
+
+def start_nginx(name, tmp_path_factory, app_servers, replace=()):
+    nginx_binary()  # skip or fail before making a directory
+    return Nginx(name, tmp_path_factory.mktemp(name), [s.url.split("//")[1] for s in app_servers], replace)
+
+
+def with_directive(old, new):
+    """One replacement for `render`: a directive as nginx.conf has it, and what a test wants instead."""
+    assert old in CONF.read_text(), f"nginx.conf no longer contains {old!r}"
+    return (old, new)
+
+
+def stream(url, body=HI, headers=None, **kwargs):
+    """post_chat, but a stream cut short by a proxy returns what arrived instead of raising."""
+    try:
+        return post_chat(url, body, headers, **kwargs)
+    except http.client.IncompleteRead:
+        return None
+
+
+def request(server, method, path, body=None, headers=None):
+    """One plain request; return (status, headers, body)."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    connection.request(method, path, body=body, headers=headers or {})
+    response = connection.getresponse()
+    result = response.status, response.headers, response.read()
+    connection.close()
+    return result
+
+
+# --- Fixtures: nginx in front of the session's gunicorn, and variants ----------------------------
+
+
+@pytest.fixture(scope="module")
+def nginx(gunicorn, fake_upstream_server, tmp_path_factory):
+    """The shipped nginx.conf, in front of the session's gunicorn."""
+    server = start_nginx("nginx", tmp_path_factory, [gunicorn])
+    # The first stream of a fresh worker builds its SDK client (bench/ measures that cold start);
+    # these tests time nginx, so pay for it here if this module runs first.
+    fake_upstream_server.reset()
+    post_chat(server.url, HI)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def nginx_unhelped(gunicorn, tmp_path_factory):
+    """The SSE location on its own: the http block gzips every type, and the app's
+    `X-Accel-Buffering: no` is ignored, so only the location's directives keep the stream flowing."""
+    replace = [
+        with_directive("gzip_types text/css", "gzip_types text/event-stream text/css"),
+        with_directive("location = /api/chat {", "location = /api/chat {\n proxy_ignore_headers X-Accel-Buffering;"),
+    ]
+    server = start_nginx("nginx-unhelped", tmp_path_factory, [gunicorn], replace)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def nginx_no_app(tmp_path_factory):
+    """The shipped config with nothing listening at its app server's address."""
+    nginx_binary()
+    directory = tmp_path_factory.mktemp("nginx-no-app")
+    server = Nginx("nginx-no-app", directory, [f"127.0.0.1:{free_port()}"])
+    yield server
+    server.stop()
+
+
+SHORT_READ_TIMEOUT = with_directive("proxy_read_timeout 300s;", "proxy_read_timeout 2s;")
+
+
+HEARTBEAT = 1.0  # seconds: the heartbeat_gunicorn's CHAT_HEARTBEAT_SECONDS
+
+
+@pytest.fixture(scope="module")
+def heartbeat_gunicorn(fake_upstream_server, tmp_path_factory):
+    env = {"OPENAI_BASE_URL": fake_upstream_server.url, "OPENAI_API_KEY": "sk-test"}
+    env["CHAT_HEARTBEAT_SECONDS"] = str(HEARTBEAT)
+    server = start_gunicorn("gunicorn-heartbeat", tmp_path_factory, env)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def nginx_heartbeat(heartbeat_gunicorn, tmp_path_factory):
+    """The shipped config in front of a gunicorn that pings every second."""
+    server = start_nginx("nginx-heartbeat", tmp_path_factory, [heartbeat_gunicorn])
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def nginx_short_timeout(heartbeat_gunicorn, tmp_path_factory):
+    """proxy_read_timeout 2s in front of a gunicorn that pings every second."""
+    server = start_nginx("nginx-short", tmp_path_factory, [heartbeat_gunicorn], [SHORT_READ_TIMEOUT])
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def nginx_short_timeout_no_heartbeat(gunicorn, tmp_path_factory):
+    """proxy_read_timeout 2s in front of the session's gunicorn (heartbeat 15 s): the control."""
+    server = start_nginx("nginx-short-control", tmp_path_factory, [gunicorn], [SHORT_READ_TIMEOUT])
+    yield server
+    server.stop()
+
+
+# --- The config itself -------------------------------------------------------------------------
+
+
+def test_nginx_accepts_the_config(tmp_path):
+    conf = render(tmp_path, free_port(), ["127.0.0.1:8000"])
+    result = subprocess.run(
+        [nginx_binary(), "-t", "-p", str(tmp_path), "-e", str(tmp_path / "error.log"), "-c", str(conf)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "test is successful" in result.stderr
+
+
+# --- The stream through nginx ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("proxy", ["nginx", "nginx_unhelped"])
+def test_first_event_arrives_long_before_the_upstream_finishes(proxy, request, upstream):
+    """Fails without `proxy_buffering off` (nginx_unhelped ignores the app's X-Accel-Buffering)."""
+    server = request.getfixturevalue(proxy)
+    upstream.reset(tokens=[f"t{i} " for i in range(30)], delay=0.05)
+    reply = post_chat(server.url, HI)
+
+    assert reply.status == 200
+    assert reply.text == "".join(f"t{i} " for i in range(30))
+    assert reply.first_time() < 0.3
+    assert reply.arrivals[-1][0] - reply.started > 1.4
+    assert len([chunk for _, chunk in reply.arrivals if b'"content": "t' in chunk]) >= 25
+
+
+@pytest.mark.parametrize("proxy", ["nginx", "nginx_unhelped"])
+def test_stream_is_neither_gzipped_nor_delayed(proxy, request, upstream):
+    """Fails without `gzip off` in the SSE location (nginx_unhelped gzips every type at http level)."""
+    server = request.getfixturevalue(proxy)
+    upstream.reset(tokens=[f"t{i} " for i in range(10)], delay=0.05)
+    reply = post_chat(server.url, HI, headers={"Accept-Encoding": "gzip"})
+
+    assert reply.status == 200
+    assert "Content-Encoding" not in reply.headers
+    assert reply.data[-1] == "[DONE]"
+    assert reply.first_time() < 0.3
+
+
+def test_heartbeats_keep_a_silent_stream_alive_past_proxy_read_timeout(nginx_short_timeout, upstream):
+    """A 3 s silence behind a 2 s proxy_read_timeout: a `: ping` every second keeps nginx reading."""
+    upstream.reset(tokens=["Hel", "lo"], hold=3.0)
+    reply = stream(nginx_short_timeout.url)
+
+    assert reply is not None, "nginx cut the stream:\n" + nginx_short_timeout.log()
+    assert reply.status == 200
+    assert b": ping\n\n" in reply.raw
+    assert reply.text == "Hello"
+    assert reply.data[-1] == "[DONE]"
+
+
+def test_without_heartbeats_a_silence_past_proxy_read_timeout_is_cut(nginx_short_timeout_no_heartbeat, upstream):
+    """The control for the test above: the same silence with no ping in it never completes."""
+    upstream.reset(tokens=["Hel", "lo"], hold=3.0)
+    reply = stream(nginx_short_timeout_no_heartbeat.url)
+
+    assert reply is None or reply.status != 200 or "[DONE]" not in reply.data
+    assert "upstream timed out" in nginx_short_timeout_no_heartbeat.log()
+
+
+def test_client_hang_up_while_tokens_flow_closes_the_upstream(nginx, upstream):
+    upstream.reset(tokens=[f"t{i} " for i in range(100)], delay=0.05)  # 5 s if nobody stops it
+    reply = post_chat(nginx.url, HI, stop_after=40)  # a couple of events, then hang up
+    hung_up_at = time.monotonic()
+
+    assert reply.status == 200
+    [received] = upstream.received
+    assert received.hung_up.wait(2), "the upstream never saw the client leave:\n" + nginx.log()
+    assert received.hung_up_at - hung_up_at < 1.0
+    assert len(received.sent) < 30
+
+
+def test_client_hang_up_during_a_silence_closes_the_upstream(nginx_heartbeat, upstream):
+    """Fails with `proxy_ignore_client_abort on`: with no bytes to write, only nginx's watch on the
+    client socket notices the hang-up at once; ignoring it waits for heartbeats to hit the closed socket."""
+    upstream.reset(tokens=["late"], hold=8.0)  # the model thinks for 8 s
+    client = socket.create_connection(("127.0.0.1", nginx_heartbeat.port), timeout=10)
+    body = json.dumps(HI).encode()
+    client.sendall(
+        b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    deadline = time.monotonic() + 5
+    while not upstream.received and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert upstream.received, "the request never reached the upstream"
+    time.sleep(0.2)  # inside the silence
+    client.close()
+    closed_at = time.monotonic()
+
+    [received] = upstream.received
+    assert received.hung_up.wait(6), "the upstream never saw the client leave:\n" + nginx_heartbeat.log()
+    assert received.hung_up_at - closed_at < 2.5 * HEARTBEAT
+
+
+# --- Static files, limits ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/", "/chat-static/index.html"])
+def test_page_is_served_by_nginx_without_the_app(nginx_no_app, path):
+    status, headers, body = request(nginx_no_app, "GET", path)
+
+    assert status == 200
+    assert body == (ROOT / "static" / "index.html").read_bytes()
+    assert headers["Content-Type"].startswith("text/html")
+
+
+def test_without_an_app_server_the_api_answers_json_503(nginx_no_app):
+    """The control for the test above (nothing listens behind this nginx), in the app's error shape."""
+    status, headers, body = request(
+        nginx_no_app, "POST", "/api/chat", json.dumps(HI), {"Content-Type": "application/json"}
+    )
+
+    assert status == 503
+    assert headers["Content-Type"] == "application/json"
+    assert json.loads(body)["error"]["code"] == "service_unavailable"
+
+
+def test_nginx_body_limit_is_the_apps(nginx_no_app):
+    """nginx refuses one byte over the app's limit itself, and passes a body at the limit on."""
+    at_limit = b"x" * LIMIT
+    status, _, _ = request(nginx_no_app, "POST", "/api/chat", at_limit, {"Content-Type": "application/json"})
+    assert status == 503  # passed on, to the app server that is not there
+
+    status, headers, body = request(
+        nginx_no_app, "POST", "/api/chat", at_limit + b"x", {"Content-Type": "application/json"}
+    )
+    assert status == 413
+    assert json.loads(body)["error"]["code"] == "body_too_large"
+
+
+def test_per_client_stream_limit_answers_429(gunicorn, upstream, tmp_path_factory):
+    """Rendered with a limit of 2: the third concurrent stream from one address is refused."""
+    limit = with_directive("limit_conn chat_streams 10;", "limit_conn chat_streams 2;")
+    server = start_nginx("nginx-limit", tmp_path_factory, [gunicorn], [limit])
+    try:
+        upstream.reset(tokens=[f"t{i} " for i in range(10)], delay=0.1)
+        replies = []
+        threads = [threading.Thread(target=lambda: replies.append(post_chat(server.url, HI))) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 5
+        while len(upstream.received) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+        status, headers, body = request(
+            server, "POST", "/api/chat", json.dumps(HI), {"Content-Type": "application/json"}
+        )
+        assert status == 429
+        assert headers["Retry-After"] == "5"
+        assert json.loads(body)["error"]["code"] == "too_many_connections"
+
+        for thread in threads:
+            thread.join(10)
+        assert [reply.data[-1] for reply in replies] == ["[DONE]", "[DONE]"]
+        assert post_chat(server.url, HI).status == 200  # the slots are free again
+    finally:
+        server.stop()
+
+
+# --- Scale-out: two app servers behind one nginx -----------------------------------------------
+
+
+@pytest.fixture
+def two_app_servers(fake_upstream_server, tmp_path_factory):
+    """Two gunicorns, each telling the upstream who it is through its system prompt, behind one nginx."""
+    servers = {}
+    for name in ("a", "b"):
+        env = {"OPENAI_BASE_URL": fake_upstream_server.url, "OPENAI_API_KEY": "sk-test"}
+        env["CHAT_SYSTEM_PROMPT"] = f"instance {name}"
+        servers[name] = start_gunicorn(f"gunicorn-{name}", tmp_path_factory, env)
+    more_streams = with_directive("limit_conn chat_streams 10;", "limit_conn chat_streams 100;")
+    proxy = start_nginx("nginx-pair", tmp_path_factory, list(servers.values()), [more_streams])
+    yield proxy, servers
+    proxy.stop()
+    for server in servers.values():  # both shut down at once, then wait for each
+        if server.process.poll() is None:
+            server.process.terminate()
+    for server in servers.values():
+        server.stop()
+
+
+def served_by(received):
+    """Which app server sent this upstream request: its system prompt says."""
+    return received.body["messages"][0]["content"].removeprefix("instance ")
+
+
+def test_concurrent_streams_spread_over_both_app_servers(two_app_servers, upstream):
+    proxy, _ = two_app_servers
+    upstream.reset(tokens=[f"t{i} " for i in range(20)], delay=0.05)
+    replies = []
+    threads = [threading.Thread(target=lambda: replies.append(post_chat(proxy.url, HI))) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    assert [reply.data[-1] for reply in replies] == ["[DONE]"] * 20
+    counts = {name: [served_by(r) for r in upstream.received].count(name) for name in "ab"}
+    print(f"streams per app server: {counts}")
+    assert counts["a"] >= 5 and counts["b"] >= 5, counts
+
+
+def test_new_streams_go_to_the_least_busy_app_server(two_app_servers, upstream):
+    """One long stream is open on one server: least_conn sends every short one to the other
+    (round robin would alternate). Fails without `least_conn`, and often without `zone`."""
+    proxy, _ = two_app_servers
+    upstream.reset(tokens=None, delay=0.05)  # echo: the reply is as long as the message
+    long_message = {"messages": [{"role": "user", "content": " ".join(["word"] * 50)}]}  # 2.5 s
+    long = threading.Thread(target=post_chat, args=(proxy.url, long_message))
+    long.start()
+    deadline = time.monotonic() + 5
+    while not upstream.received and time.monotonic() < deadline:
+        time.sleep(0.01)
+    busy = served_by(upstream.received[0])
+
+    for _ in range(6):
+        assert post_chat(proxy.url, HI).data[-1] == "[DONE]"
+    long.join(10)
+
+    assert [served_by(r) for r in upstream.received[1:]] == ["b" if busy == "a" else "a"] * 6
+
+
+def kill(server):
+    """SIGKILL a gunicorn master and its workers, as a crash or a dead VM would."""
+    children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children").read_text().split()
+    server.process.kill()
+    for pid in children:
+        os.kill(int(pid), signal.SIGKILL)
+    server.process.wait()
+
+
+def test_a_dead_app_server_is_skipped(two_app_servers, upstream):
+    """Its connections are refused, so nginx passes even a POST on to the other (nothing was sent)."""
+    proxy, servers = two_app_servers
+    kill(servers["a"])
+    time.sleep(0.2)  # let nginx notice its idle connections to `a` closing
+
+    replies = [post_chat(proxy.url, HI) for _ in range(6)]
+
+    assert [reply.status for reply in replies] == [200] * 6
+    assert [reply.data[-1] for reply in replies] == ["[DONE]"] * 6
+    assert {served_by(r) for r in upstream.received} == {"b"}
+    assert "Connection refused" in proxy.log()  # it was tried, and skipped
