@@ -133,15 +133,18 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
         """Sleep, but notice at once if the client closes the connection meanwhile."""
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
-            readable, _, _ = select.select([self.connection], [], [], left)
-            if readable and not self.connection.recv(1, socket.MSG_PEEK):
+            if self.client_closed(left):
                 raise ClientGone
         if self.client_closed():
             raise ClientGone
 
-    def client_closed(self):
-        readable, _, _ = select.select([self.connection], [], [], 0)
-        return bool(readable) and not self.connection.recv(1, socket.MSG_PEEK)
+    def client_closed(self, wait=0):
+        """True once the client closed: an end of file, or a reset (a close with unread data in its buffer)."""
+        readable, _, _ = select.select([self.connection], [], [], wait)
+        try:
+            return bool(readable) and not self.connection.recv(1, socket.MSG_PEEK)
+        except ConnectionError:
+            return True
 
     def send_event(self, payload):
         self.send_chunk(b"data: " + json.dumps(payload).encode() + b"\n\n")
