@@ -27,7 +27,8 @@ LIMIT = 1_048_576  # the app's CHAT_MAX_BODY_BYTES default; nginx.conf says `cli
 
 def nginx_binary():
     """Return nginx's path; a missing nginx skips on a developer's machine and fails in CI."""
-    path = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
+    # Debian puts it in /usr/sbin, which only root's PATH has.
+    path = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
     if path is None:
         if os.environ.get("CI"):
             pytest.fail("nginx is not installed; .ci/run installs Debian's package")
@@ -41,7 +42,7 @@ def render(directory, port, app_servers, replace=()):
     server_line = re.search(r"^(\s*)server 127\.0\.0\.1:8000( [^;\n]*)?;$", text, re.M)
     assert server_line, "nginx.conf has no `server 127.0.0.1:8000 ...;` line in its upstream block"
     indent, params = server_line.group(1), server_line.group(2) or ""
-    servers = "".join(f"{indent}server {address}{params};" for address in app_servers)
+    servers = "\n".join(f"{indent}server {address}{params};" for address in app_servers)
     temp_paths = "".join(
         f"\n    {kind}_temp_path {directory}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     )
