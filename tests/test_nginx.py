@@ -14,6 +14,7 @@ import socket
 import subprocess
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -152,6 +153,19 @@ def nginx_unhelped(gunicorn, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def nginx_gzipping(gunicorn, tmp_path_factory):
+    """nginx_unhelped with gzip on in the SSE location too: only `proxy_buffering off` is left."""
+    replace = [
+        with_directive("gzip_types text/css", "gzip_types text/event-stream text/css"),
+        with_directive("location = /api/chat {", "location = /api/chat {\n proxy_ignore_headers X-Accel-Buffering;"),
+        with_directive("            gzip off;", "            gzip on;"),
+    ]
+    server = start_nginx("nginx-gzipping", tmp_path_factory, [gunicorn], replace)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
 def nginx_no_app(tmp_path_factory):
     """The shipped config with nothing listening at its app server's address."""
     nginx_binary()
@@ -222,8 +236,8 @@ def test_nginx_accepts_the_config(tmp_path):
 def test_first_event_arrives_long_before_the_upstream_finishes(proxy, request, upstream):
     """Through the shipped config, and with the app's X-Accel-Buffering ignored (nginx_unhelped).
 
-    nginx 1.22 turned out to pass each read on at once even with `proxy_buffering on` while the
-    client keeps up, so this cannot fail on that directive alone; gzip (below) is what delays.
+    nginx 1.22 delays the stream only when it both buffers and gzips it, so this fails only
+    without both `proxy_buffering off` and `gzip off`; the next two tests take them one at a time.
     """
     server = request.getfixturevalue(proxy)
     upstream.reset(tokens=[f"t{i} " for i in range(30)], delay=0.05)
@@ -247,6 +261,22 @@ def test_stream_is_neither_gzipped_nor_delayed(proxy, request, upstream):
     assert "Content-Encoding" not in reply.headers
     assert reply.data[-1] == "[DONE]"
     assert reply.first_time() < 0.3
+
+
+def test_unbuffered_stream_stays_live_even_when_gzipped(nginx_gzipping, upstream):
+    """Fails without `proxy_buffering off`: buffered and gzipped, the reply came in one read at the end."""
+    upstream.reset(tokens=[f"t{i} " for i in range(30)], delay=0.05)
+    reply = post_chat(nginx_gzipping.url, HI, headers={"Accept-Encoding": "gzip"})
+
+    assert reply.headers.get("Content-Encoding") == "gzip"  # the premise: this nginx does compress it
+    inflate, seen, first = zlib.decompressobj(16 + zlib.MAX_WBITS), b"", None
+    for when, chunk in reply.arrivals:
+        seen += inflate.decompress(chunk)
+        if first is None and b'"content": "t' in seen:
+            first = when - reply.started
+    assert seen.endswith(b"data: [DONE]\n\n")
+    assert first < 0.3
+    assert len(reply.arrivals) >= 25
 
 
 def test_heartbeats_keep_a_silent_stream_alive_past_proxy_read_timeout(nginx_short_timeout, upstream):
