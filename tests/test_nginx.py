@@ -229,6 +229,22 @@ def test_nginx_accepts_the_config(tmp_path):
     assert "test is successful" in result.stderr
 
 
+def test_site_file_part_stands_alone(tmp_path):
+    """The README copies the part between the "site file" markers into sites-available: it must
+    need nothing from the http block above it (Debian's own nginx.conf provides that)."""
+    text = render(tmp_path, free_port(), ["127.0.0.1:8000"]).read_text()
+    site = re.search(r"# ---- site file: from here.*# ---- site file: to here", text, re.S).group(0)
+    conf = tmp_path / "site-only.conf"
+    conf.write_text(f"pid {tmp_path}/site.pid;\nevents {{}}\nhttp {{\n{site}\n}}\n")
+    result = subprocess.run(
+        [nginx_binary(), "-t", "-p", str(tmp_path), "-e", str(tmp_path / "error.log"), "-c", str(conf)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+
+
 # --- The stream through nginx ------------------------------------------------------------------
 
 
