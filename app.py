@@ -11,10 +11,14 @@ Run it:   gunicorn -c gunicorn.conf.py app:app      (production: gevent workers)
 Mount it: from app import chat; other_app.register_blueprint(chat, url_prefix="/assistant")
 """
 
+import hmac
 import json
 import logging
 import os
+import queue
 import re
+import sys
+import threading
 import time
 import uuid
 
@@ -32,11 +36,18 @@ DEFAULTS = {
     "CHAT_MODEL": "gpt-4o-mini",  # the model used when a request names none
     "CHAT_MODELS": "",  # comma-separated models a request may ask for; empty: just CHAT_MODEL
     "CHAT_SYSTEM_PROMPT": "",  # prepended as a system message when set
-    "CHAT_HEARTBEAT_SECONDS": 15.0,  # a ": ping" comment after this much silence
+    "CHAT_HEARTBEAT_SECONDS": 15.0,  # a ": ping" after this much silence: keeps proxies open, finds gone clients
+    "CHAT_FIRST_TOKEN_TIMEOUT": 120.0,  # seconds to wait for the first token (a long prompt on a busy server)
+    "CHAT_IDLE_TIMEOUT": 60.0,  # seconds to wait for each next token
+    "CHAT_MAX_DURATION": 600.0,  # seconds a whole reply may take
     "CHAT_MAX_BODY_BYTES": 1_048_576,  # larger request bodies get 413 (nginx.conf says the same)
     "CHAT_MAX_MESSAGES": 200,  # longer conversations get 400
-    "CHAT_UPSTREAM_RETRIES": 1,  # the SDK's retries, before the first byte only
+    "CHAT_UPSTREAM_RETRIES": 1,  # the SDK's retries of a refused or failed request, before the first byte only
+    "CHAT_RETRY_MAX_WAIT": 5.0,  # a 429 asking to wait longer than this goes back to the client at once
     "CHAT_CONNECT_TIMEOUT": 5.0,  # seconds to open a connection to the upstream
+    "CHAT_MAX_STREAMS": 1000,  # open streams per worker process; past it, 503 with Retry-After
+    "CHAT_API_TOKEN": "",  # when set, /api/chat wants "Authorization: Bearer <token>"
+    "CHAT_CORS_ORIGINS": "",  # comma-separated origins allowed to call /api/chat from a browser; empty: none
     "CHAT_DEMO_WORD_SECONDS": 0.05,  # the demo model's pace: slow enough to watch it type
 }
 
@@ -59,6 +70,8 @@ def allowed_models(config):
 # --- Server-Sent Events ---------------------------------------------------------------------
 
 DONE = b"data: [DONE]\n\n"
+OPENED = b": ok\n\n"  # sent with the headers, so proxies and the browser see the stream open at once
+PING = b": ping\n\n"  # a comment: every SSE client ignores it
 
 
 def sse(payload):
@@ -151,27 +164,56 @@ class DemoStream:
         self.closed = True
 
 
-def openai_client(app):
-    """Return this process's SDK client for `app`; a new one after a fork, as sockets cannot be shared."""
-    pid, client = app.extensions.get("chat.openai", (None, None))
+def per_process(app, name, create):
+    """Return this worker process's `name` object for `app`, made anew after a fork: sockets can't be shared."""
+    pid, value = app.extensions.get(name, (None, None))
     if pid != os.getpid():
-        config = app.config
-        client = openai.OpenAI(
-            # A local server (Ollama, vLLM, llama.cpp) needs no key, but the SDK insists on one.
-            api_key=config["OPENAI_API_KEY"] or "unused",
-            base_url=config["OPENAI_BASE_URL"] or None,
-            max_retries=config["CHAT_UPSTREAM_RETRIES"],
-            timeout=openai.Timeout(None, connect=config["CHAT_CONNECT_TIMEOUT"]),
-        )
-        app.extensions["chat.openai"] = (os.getpid(), client)
-    return client
+        value = create(app.config)
+        app.extensions[name] = (os.getpid(), value)
+    return value
+
+
+def create_openai_client(config):
+    """Make the SDK client: bounded retries and waits, and a connection pool as large as the stream cap."""
+    wait_for_headers = max(config["CHAT_FIRST_TOKEN_TIMEOUT"], config["CHAT_IDLE_TIMEOUT"])
+    return openai.OpenAI(
+        # A local server (Ollama, vLLM, llama.cpp) needs no key, but the SDK insists on one.
+        api_key=config["OPENAI_API_KEY"] or "unused",
+        base_url=config["OPENAI_BASE_URL"] or None,
+        max_retries=config["CHAT_UPSTREAM_RETRIES"],
+        http_client=openai.DefaultHttpxClient(
+            timeout=httpx2.Timeout(wait_for_headers, connect=config["CHAT_CONNECT_TIMEOUT"]),
+            limits=httpx2.Limits(max_connections=config["CHAT_MAX_STREAMS"], max_keepalive_connections=100),
+            event_hooks={"response": [refuse_long_retry_waits(config["CHAT_RETRY_MAX_WAIT"])]},
+        ),
+    )
+
+
+def refuse_long_retry_waits(max_wait):
+    """Make the SDK skip a retry the upstream wants us to wait long for: the user would see nothing meanwhile.
+
+    The SDK honours Retry-After up to two minutes per retry; `x-should-retry: false` is its
+    documented way to say no.
+    """
+
+    def hook(response):
+        try:
+            wait = float(response.headers.get("retry-after", 0))
+        except ValueError:
+            return
+        if wait > max_wait:
+            response.headers["x-should-retry"] = "false"
+
+    return hook
 
 
 def open_upstream(config, model, messages):
     """Start the completion and wait for its response headers, so a refusal can still be an HTTP status."""
     if not config["OPENAI_API_KEY"] and not config["OPENAI_BASE_URL"]:
         return DemoStream(messages, config["CHAT_DEMO_WORD_SECONDS"])
-    completion = openai_client(current_app).chat.completions.with_streaming_response.create(
+    completion = per_process(
+        current_app, "chat.openai", create_openai_client
+    ).chat.completions.with_streaming_response.create(
         model=model,
         messages=messages,
         stream=True,
@@ -210,33 +252,90 @@ def upstream_message(exc):
 
 
 # --- The relay: upstream deltas in, SSE events out --------------------------------------------
+#
+# A blocking read on the upstream cannot be interrupted to send a heartbeat, so a second greenlet
+# (a thread under the dev server) reads the upstream into a queue, and the response generator
+# waits on the queue with a timeout. Standard library only: gevent's patching makes both cooperative.
+
+END = object()  # the reader's last item when the upstream finished cleanly
 
 
-def relay(upstream, stream_id, model):
-    """Yield one event per delta, then the end event and [DONE]; close the upstream however we leave."""
-    started, events, outcome = time.monotonic(), 0, "client_gone"
+class StreamTimeout(UpstreamError):
+    """The upstream was too slow; the stream ends with this error and a closed upstream."""
+
+
+TIMEOUTS = {  # code: (setting, message for a person)
+    "first_token_timeout": ("CHAT_FIRST_TOKEN_TIMEOUT", "The model took too long to start answering."),
+    "idle_timeout": ("CHAT_IDLE_TIMEOUT", "The model stopped answering."),
+    "max_duration": ("CHAT_MAX_DURATION", "The reply took too long and was stopped."),
+}
+
+
+def read_upstream(upstream, items):
+    """Move deltas from the upstream into `items`; end with END, or with the exception that stopped it."""
     try:
         for delta in upstream:
+            items.put(delta)
+        items.put(END)
+    except Exception as exc:  # the relay reports it; after close() it is expected and unread
+        items.put(exc)
+
+
+def relay(upstream, stream_id, model, config):
+    """Yield the SSE events of one reply, with heartbeats in silences; close the upstream however we leave.
+
+    Every way out, done, error, timeout, client gone (gunicorn closes the generator when a write
+    fails: GeneratorExit at a yield) or worker shutdown, closes the upstream once and logs one line.
+    """
+    items = queue.Queue()
+    threading.Thread(target=read_upstream, args=(upstream, items), daemon=True).start()
+    heartbeat = config["CHAT_HEARTBEAT_SECONDS"]
+    started = last_token = time.monotonic()
+    first_token, events, outcome = None, 0, None
+    try:
+        yield OPENED
+        while True:
+            code = "first_token_timeout" if first_token is None else "idle_timeout"
+            deadline = last_token + config[TIMEOUTS[code][0]]
+            if started + config["CHAT_MAX_DURATION"] < deadline:
+                code, deadline = "max_duration", started + config["CHAT_MAX_DURATION"]
+            try:
+                item = items.get(timeout=max(0.0, min(heartbeat, deadline - time.monotonic())))
+            except queue.Empty:
+                if time.monotonic() >= deadline:
+                    raise StreamTimeout(TIMEOUTS[code][1], code) from None
+                yield PING
+                continue
+            if item is END:
+                break
+            if isinstance(item, Exception):
+                raise item
+            last_token = time.monotonic()
+            first_token = first_token or last_token
             events += 1
-            yield sse({"content": delta})
-        end = {"content": "", "finish_reason": upstream.finish_reason, "usage": upstream.usage}
+            yield sse({"content": item})
         outcome = "done"
-        yield sse(end)
+        yield sse({"content": "", "finish_reason": upstream.finish_reason, "usage": upstream.usage})
         yield DONE
-    except Exception as exc:  # never BaseException: GeneratorExit must reach `finally`
+    except Exception as exc:  # never BaseException: GeneratorExit must pass through to `finally`
         status, code, message = describe_failure(exc)
-        outcome = f"error:{code}"
-        log.warning("stream %s upstream failed: %s", stream_id, type(exc).__name__)
+        outcome = "timeout" if isinstance(exc, StreamTimeout) else "error"
+        log.warning("stream %s failed: %s %s", stream_id, code, type(exc).__name__)
         yield sse({"error": message, "code": code})
     finally:
-        upstream.close()
+        upstream.close()  # also ends the reader: its blocking read fails
+        if outcome is None:  # left at a yield: the client went away, or the worker is being stopped
+            outcome = "client_gone" if isinstance(sys.exception(), GeneratorExit) else "shutdown"
+        usage = upstream.usage or {}
         log.info(
-            "stream %s model=%s end=%s events=%d duration=%.3fs",
+            "stream %s model=%s end=%s ttft=%s duration=%.3fs events=%d tokens=%s",
             stream_id,
             model,
             outcome,
-            events,
+            "-" if first_token is None else f"{first_token - started:.3f}s",
             time.monotonic() - started,
+            events,
+            usage.get("completion_tokens", events),
         )
 
 
@@ -330,26 +429,76 @@ def parse_chat_request(config):
 def chat_completion():
     """Validate, open the upstream, then stream: every failure before the first byte is an HTTP status."""
     config = current_app.config
+    if not authorized(config["CHAT_API_TOKEN"]):
+        return error(401, "unauthorized", "Send Authorization: Bearer <token>.", {"WWW-Authenticate": "Bearer"})
     try:
         model, messages = parse_chat_request(config)
     except BadRequest as exc:
         return error(exc.status, exc.code, str(exc))
+
+    slots = per_process(current_app, "chat.slots", StreamSlots)
+    if not slots.acquire():
+        return error(503, "too_many_streams", "The server is busy. Please try again shortly.", {"Retry-After": "5"})
     try:
         upstream = open_upstream(config, model, messages)
     except openai.OpenAIError as exc:
+        slots.release()
         status, code, message = describe_failure(exc)
         retry_after = exc.response.headers.get("Retry-After") if status == 429 else None
-        headers = {"Retry-After": retry_after} if retry_after else None
-        log.warning("upstream refused: %s %s", status, code)
-        return error(status, code, message, headers)
+        log.warning("upstream refused: %s %s (%s)", status, code, type(exc).__name__)
+        return error(status, code, message, {"Retry-After": retry_after} if retry_after else None)
 
     stream_id = uuid.uuid4().hex[:12]
-    return Response(
-        relay(upstream, stream_id, model),
+    response = Response(
+        relay(upstream, stream_id, model, config),
         # No "Connection: keep-alive": it is hop-by-hop, gunicorn drops it and HTTP/2 forbids it.
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": stream_id},
         content_type="text/event-stream",  # UTF-8 by definition: no charset parameter needed
     )
+    response.call_on_close(slots.release)  # called by the server however the response ends, even unstarted
+    return response
+
+
+class StreamSlots:
+    """Count this worker's open streams; past CHAT_MAX_STREAMS, say "come back" rather than queue."""
+
+    def __init__(self, config):
+        self.cap, self.open, self.lock = config["CHAT_MAX_STREAMS"], 0, threading.Lock()
+
+    def acquire(self):
+        with self.lock:
+            if self.open >= self.cap:
+                return False
+            self.open += 1
+            return True
+
+    def release(self):
+        with self.lock:
+            self.open -= 1
+
+
+def authorized(token):
+    """Check the bearer token, when one is configured, in constant time."""
+    if not token:
+        return True
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+@chat.after_request
+def allow_listed_origins(response):
+    """Allow cross-origin calls from CHAT_CORS_ORIGINS only; none by default, as the page is same-origin."""
+    allowed = [origin.strip() for origin in current_app.config["CHAT_CORS_ORIGINS"].split(",") if origin.strip()]
+    if allowed:
+        response.vary.add("Origin")
+    origin = request.headers.get("Origin")
+    if origin in allowed:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Allow-Methods"] = "POST"
+        response.headers["Access-Control-Allow-Headers"] = "Content-Type, Authorization"
+        response.headers["Access-Control-Expose-Headers"] = "Retry-After, X-Request-Id"
+        response.headers["Access-Control-Max-Age"] = "600"
+    return response
 
 
 @chat.route("/api/chat", methods=["GET", "PUT", "PATCH", "DELETE"])
@@ -372,8 +521,9 @@ def page():
 
 @chat.get("/healthz")
 def healthz():
-    """Answer load balancers and systemd checks without touching the upstream."""
-    return {"status": "ok"}
+    """Answer load balancers without touching the upstream; the figures are this worker's."""
+    open_streams = per_process(current_app, "chat.slots", StreamSlots).open
+    return {"status": "ok", "open_streams": open_streams, "threads": threading.active_count()}
 
 
 # --- The application --------------------------------------------------------------------------

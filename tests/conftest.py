@@ -34,6 +34,9 @@ class Script:
     tokens: list | None = field(default_factory=lambda: [f"tok{i} " for i in range(5)])  # None: echo
     delay: float = 0.0  # seconds before each token
     hold: float = 0.0  # seconds of silence after the headers, before the first token
+    stall_headers: float = 0.0  # seconds before even the status line
+    stall_at: int | None = None  # before this token, a silence of `stall` seconds
+    stall: float = 0.0
     status: int = 200  # anything else: answer with this status and an OpenAI error body
     headers: dict = field(default_factory=dict)  # extra response headers (e.g. Retry-After)
     error_message: str = "upstream says no"
@@ -73,6 +76,7 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
         server.received.append(received)
         script = server.script
         try:
+            self.wait(script.stall_headers)
             if script.status != 200:
                 self.send_json_error(script)
             else:
@@ -116,7 +120,7 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
                 self.send_event({"error": {"message": "internal upstream detail", "type": "server_error"}})
                 self.end_chunks()
                 return
-            self.wait(script.delay)
+            self.wait(script.stall if i == script.stall_at else script.delay)
             self.send_event({**base, "choices": [{"index": 0, "delta": {"content": token}, "finish_reason": None}]})
             received.sent.append(time.monotonic())
         self.send_event({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": script.finish_reason}]})
@@ -169,6 +173,10 @@ class FakeUpstream(ThreadingHTTPServer):
     @property
     def url(self):
         return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exception(), ConnectionError):  # a pooled connection dropped by its owner
+            super().handle_error(request, client_address)
 
     def reset(self, **script):
         self.script = Script(**script)
@@ -278,12 +286,29 @@ def start_gunicorn(name, tmp_path_factory, env, extra_args=(), inherit=True):
     return LiveServer(name, command, port, env=env, log_dir=tmp_path_factory.mktemp(name))
 
 
+FAST_LIFECYCLE = {  # short heartbeats and timeouts, so lifecycle tests take seconds
+    "CHAT_HEARTBEAT_SECONDS": "0.25",
+    "CHAT_FIRST_TOKEN_TIMEOUT": "1.5",
+    "CHAT_IDLE_TIMEOUT": "1.5",
+    "CHAT_MAX_DURATION": "3",
+}
+
+
 @pytest.fixture(scope="session")
 def gunicorn(fake_upstream_server, tmp_path_factory):
     """One gunicorn gevent worker serving app:app, pointed at the fake upstream."""
     env = {"OPENAI_BASE_URL": fake_upstream_server.url, "OPENAI_API_KEY": API_KEY, "CHAT_MODELS": "gpt-test,other"}
     env["CHAT_MODEL"] = "gpt-test"
     server = start_gunicorn("gunicorn", tmp_path_factory, env)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def fast_gunicorn(fake_upstream_server, tmp_path_factory):
+    """gunicorn with heartbeats every 0.25 s and timeouts of a second or two."""
+    env = {"OPENAI_BASE_URL": fake_upstream_server.url, "OPENAI_API_KEY": API_KEY, **FAST_LIFECYCLE}
+    server = start_gunicorn("fast", tmp_path_factory, env)
     yield server
     server.stop()
 
@@ -338,25 +363,36 @@ class Reply:
         return None
 
 
-def post_chat(base_url, body, headers=None, timeout=30, stop_after=None):
-    """POST /api/chat and read the reply as it arrives; `stop_after` bytes then hang up."""
-    host, port = base_url.split("//")[1].split("/")[0].split(":")
-    path = "/" + "/".join(base_url.split("//")[1].split("/")[1:])
+def open_chat(base_url, body, headers=None, timeout=30):
+    """POST /api/chat and return (connection, response) once the status line and headers are in."""
+    address, _, prefix = base_url.split("//")[1].partition("/")
+    host, port = address.split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
     payload = body if isinstance(body, bytes) else json.dumps(body).encode()
-    started = time.monotonic()
     connection.request(
         "POST",
-        path.rstrip("/") + "/api/chat",
+        f"/{prefix}/api/chat".replace("//", "/"),
         body=payload,
         headers={"Content-Type": "application/json", **(headers or {})},
     )
-    response = connection.getresponse()
+    return connection, connection.getresponse()
+
+
+def hang_up(connection, response):
+    """Close our end of the connection for real (the response holds the socket open too)."""
+    response.close()
+    connection.close()
+
+
+def post_chat(base_url, body, headers=None, timeout=30, until=None):
+    """POST /api/chat and read the reply as it arrives; with `until`, hang up once those bytes arrived."""
+    started = time.monotonic()
+    connection, response = open_chat(base_url, body, headers, timeout)
     arrivals, raw = [], b""
     while chunk := response.read1(65536):
         arrivals.append((time.monotonic(), chunk))
         raw += chunk
-        if stop_after is not None and len(raw) >= stop_after:
+        if until is not None and until in raw:
             break
-    connection.close()
+    hang_up(connection, response)
     return Reply(response.status, dict(response.getheaders()), raw, arrivals, started)

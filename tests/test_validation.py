@@ -204,5 +204,6 @@ def test_valid_request_streams_from_the_upstream(client, upstream):
 def test_healthz(client, upstream):
     response = client.get("/healthz")
     assert response.status_code == 200
-    assert response.get_json() == {"status": "ok"}
+    assert response.get_json()["status"] == "ok"
+    assert response.get_json()["open_streams"] == 0
     assert upstream.received == []
