@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, LiveServer, free_port
+from conftest import ROOT, LiveServer, free_port, start_gunicorn
 
 try:
     from playwright.sync_api import expect, sync_playwright
@@ -53,7 +53,11 @@ def browser():
 
 @pytest.fixture
 def page(browser):
-    """A fresh page (own cookies and sessionStorage); a JavaScript error in it fails the test."""
+    """A fresh page (own cookies and sessionStorage); a JavaScript error in it fails the test.
+
+    A test that starts its own server names it before `page`: the page and its keep-alive
+    connection then close first, and the server stops at once instead of waiting for them.
+    """
     context = browser.new_context(viewport=DESKTOP)
     page = context.new_page()
     errors = []
@@ -176,8 +180,7 @@ def test_an_upstream_failure_mid_reply_is_shown(chat_page, upstream, script, mes
 
 
 def test_rate_limit_says_when_to_try_again(chat_page, upstream):
-    # x-should-retry: the SDK would otherwise wait out Retry-After once before giving up.
-    upstream.reset(status=429, headers={"Retry-After": "7", "x-should-retry": "false"})
+    upstream.reset(status=429, headers={"Retry-After": "7"})  # over CHAT_RETRY_MAX_WAIT: passed on at once
     say(chat_page, "Hi")
 
     expect(reply_note(chat_page)).to_have_text("The model is busy right now. Please try again in 7 seconds.")
@@ -196,7 +199,8 @@ def test_model_output_is_text_never_markup(chat_page, upstream):
 
 # --- Errors before the stream, as the service (or a proxy in front of it) answers them ----------
 #
-# page.route answers in place of the server, for statuses the live server cannot be made to give.
+# page.route answers in place of the server: each status as the page must word it, without
+# arranging the server state that produces it.
 
 
 @pytest.mark.parametrize(
@@ -227,30 +231,32 @@ def test_http_errors_are_shown_in_words(chat_page, status, code, server_says, re
     assert reply(chat_page).get_attribute("data-state") == "error"
 
 
-def test_a_token_is_asked_for_and_sent_when_the_server_wants_one(chat_page):
-    sent_tokens = []
+@pytest.fixture
+def token_gunicorn(fake_upstream_server, tmp_path_factory):
+    """gunicorn whose /api/chat wants `Authorization: Bearer s3cret` (CHAT_API_TOKEN)."""
+    env = {"OPENAI_BASE_URL": fake_upstream_server.url, "OPENAI_API_KEY": "sk-test", "CHAT_API_TOKEN": "s3cret"}
+    server = start_gunicorn("token", tmp_path_factory, env)
+    yield server
+    server.stop()
 
-    def server_with_a_token(route):
-        authorization = route.request.headers.get("authorization")
-        sent_tokens.append(authorization)
-        if authorization != "Bearer s3cret":
-            error = {"error": {"message": "A valid bearer token is required.", "code": "unauthorized"}}
-            return route.fulfill(status=401, json=error)
-        events = 'data: {"content": "Welcome."}\n\ndata: {"content": "", "finish_reason": "stop", "usage": null}\n\n'
-        route.fulfill(status=200, content_type="text/event-stream", body=events + "data: [DONE]\n\n")
 
-    chat_page.route("**/api/chat", server_with_a_token)
-    expect(chat_page.get_by_label("Access token")).to_be_hidden()
-    say(chat_page, "Hi")
-    expect(reply_note(chat_page)).to_have_text("This chat needs an access token. Enter it below and send again.")
+def test_a_token_is_asked_for_and_kept_when_the_server_wants_one(token_gunicorn, page, upstream):
+    upstream.reset(tokens=["Welcome."])
+    page.goto(token_gunicorn.url + "/")
+    expect(page.get_by_label("Access token")).to_be_hidden()
 
-    chat_page.get_by_label("Access token").fill("s3cret")
-    chat_page.get_by_label("Message").press("Enter")  # the message came back to the box
-    expect(reply_text(chat_page)).to_have_text("Welcome.")
-    assert sent_tokens == [None, "Bearer s3cret"]
+    say(page, "Hi")
+    expect(reply_note(page)).to_have_text("This chat needs an access token. Enter it below and send again.")
+    page.get_by_label("Access token").fill("wrong")
+    page.get_by_label("Message").press("Enter")  # the message came back to the box
+    expect(reply_note(page)).to_have_text("The access token was not accepted. Check it below and send again.")
+    page.get_by_label("Access token").fill("s3cret")
+    page.get_by_label("Message").press("Enter")
 
-    chat_page.reload()  # kept for the tab's life
-    expect(chat_page.get_by_label("Access token")).to_have_value("s3cret")
+    expect(reply_text(page)).to_have_text("Welcome.")
+    assert len(upstream.received) == 1  # the refused tries never reached the model
+    page.reload()  # kept for the tab's life
+    expect(page.get_by_label("Access token")).to_have_value("s3cret")
 
 
 # --- The stream parser on its own ---------------------------------------------------------------
@@ -301,7 +307,7 @@ def host_app(fake_upstream_server, tmp_path_factory):
     server.stop()
 
 
-def test_the_page_works_under_a_url_prefix(host_app, page, upstream):  # page closes before host_app stops
+def test_the_page_works_under_a_url_prefix(host_app, page, upstream):
     upstream.reset(tokens=["Mounted ", "and ", "streaming."])
     page.goto(host_app.url + "/assistant")  # Flask redirects to /assistant/, so relative URLs resolve
 
