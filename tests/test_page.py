@@ -161,6 +161,16 @@ def test_stop_keeps_the_partial_reply_and_hangs_up_upstream(chat_page, upstream)
     expect(chat_page.get_by_role("button", name="Send")).to_be_visible()
 
 
+def test_heartbeats_in_a_silence_are_not_shown(fast_gunicorn, page, upstream):
+    """fast_gunicorn pings every 0.25 s: a 1 s silence before the first token brings ": ping" lines."""
+    upstream.reset(tokens=["after ", "the silence"], hold=1.0)
+    page.goto(fast_gunicorn.url + "/")
+    say(page, "Hi")
+
+    expect(reply_note(page)).to_contain_text("tokens")
+    assert reply_text(page).text_content() == "after the silence"
+
+
 @pytest.mark.parametrize(
     "script, message",
     [
