@@ -134,14 +134,18 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
             readable, _, _ = select.select([self.connection], [], [], left)
-            if readable and not self.connection.recv(1, socket.MSG_PEEK):
+            if readable and self.client_closed():
                 raise ClientGone
         if self.client_closed():
             raise ClientGone
 
     def client_closed(self):
+        """True when the client sent FIN (EOF) or RST (a close with unread data in its buffer)."""
         readable, _, _ = select.select([self.connection], [], [], 0)
-        return bool(readable) and not self.connection.recv(1, socket.MSG_PEEK)
+        try:
+            return bool(readable) and not self.connection.recv(1, socket.MSG_PEEK)
+        except OSError:
+            return True
 
     def send_event(self, payload):
         self.send_chunk(b"data: " + json.dumps(payload).encode() + b"\n\n")
