@@ -133,17 +133,18 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
         """Sleep, but notice at once if the client closes the connection meanwhile."""
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
-            if self.client_closed(left):
+            readable, _, _ = select.select([self.connection], [], [], left)
+            if readable and self.client_closed():
                 raise ClientGone
         if self.client_closed():
             raise ClientGone
 
-    def client_closed(self, wait=0):
-        """True once the client closed: an end of file, or a reset (a close with unread data in its buffer)."""
-        readable, _, _ = select.select([self.connection], [], [], wait)
+    def client_closed(self):
+        """True when the client sent FIN (EOF) or RST (a close with unread data in its buffer)."""
+        readable, _, _ = select.select([self.connection], [], [], 0)
         try:
             return bool(readable) and not self.connection.recv(1, socket.MSG_PEEK)
-        except ConnectionError:
+        except OSError:
             return True
 
     def send_event(self, payload):
