@@ -356,13 +356,17 @@ def test_client_hang_up_during_a_silence_closes_the_upstream(nginx_heartbeat, up
 # --- Static files, limits ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["/", "/chat-static/index.html"])
-def test_page_is_served_by_nginx_without_the_app(nginx_no_app, path):
+PAGE_FILES = [("/", "index.html")] + [(f"/chat-static/{f.name}", f.name) for f in sorted((ROOT / "static").iterdir())]
+
+
+@pytest.mark.parametrize("path, name", PAGE_FILES)
+def test_page_is_served_by_nginx_without_the_app(nginx_no_app, path, name):
     status, headers, body = request(nginx_no_app, "GET", path)
 
     assert status == 200
-    assert body == (ROOT / "static" / "index.html").read_bytes()
-    assert headers["Content-Type"].startswith("text/html")
+    assert body == (ROOT / "static" / name).read_bytes()
+    assert headers["Content-Type"] != "application/octet-stream"  # mime.types knew it
+    assert headers["Cache-Control"] == "no-cache"
 
 
 def test_without_an_app_server_the_api_answers_json_503(nginx_no_app):
