@@ -38,19 +38,21 @@ backlog = int(os.environ.get("GUNICORN_BACKLOG", 2048))
 #       WEB_CONCURRENCY is the conventional name (gunicorn reads it too). Range 1 to 2 x cores.
 #
 #   worker_connections - Connections one worker holds at once: open streams plus idle keep-alive
-#       connections from nginx. Past it, the worker stops accepting until one closes. Each stream
-#       costs 2 file descriptors (the client's socket and the one to the model), so the process's
-#       descriptor limit (systemd LimitNOFILE, `ulimit -n`) must exceed 2 x worker_connections plus
-#       slack (~100 for logs, the listening socket, the SDK's pool); the README's unit sets 65536.
-#       Range 100-10000 per worker.
+#       connections from nginx. Past it, the worker stops accepting until one closes, so keep the
+#       app's CHAT_MAX_STREAMS below it (by nginx's `keepalive`, 32 per nginx worker) for its 503
+#       to answer first. Each stream costs 2 file descriptors (the client's socket and the one to
+#       the model), so the process's descriptor limit (systemd LimitNOFILE, `ulimit -n`) must
+#       exceed 2 x worker_connections plus slack (~100 for logs, the listening socket, the SDK's
+#       pool); the README's unit sets 65536. Range 100-10000 per worker.
 #
 #   timeout - NOT the length of a request. For gevent workers it is the worker process's heartbeat:
 #       the master kills a worker that has not checked in for this many seconds, i.e. one whose
 #       event loop is blocked (CPU-bound code, a call gevent did not patch). A stream of any length
 #       is fine; raising this only delays the restart of a stuck worker. Range 10-120.
 #
-#   graceful_timeout - On SIGTERM (a deploy, `systemctl restart`), workers stop accepting and give
-#       running streams this long to finish before they are killed. A long reply from a slow model
+#   graceful_timeout - On SIGTERM (`systemctl restart`) and for the old workers of a reload (HUP,
+#       `systemctl reload`), workers stop accepting and give running streams this long to finish
+#       before they are killed. A long reply from a slow model
 #       takes one to two minutes, so 120 s lets it end normally instead of being cut mid-sentence.
 #       The systemd unit's TimeoutStopSec must be above it (the README's says 150). Range 30-600.
 #
