@@ -75,7 +75,13 @@ class Nginx(LiveServer):
         self.conf = render(directory, port, app_servers, replace)
         command = [nginx_binary(), "-p", str(directory), "-e", str(self.directory / "error.log")]
         command += ["-c", str(self.conf), "-g", "daemon off;"]
-        super().__init__(name, command, port, log_dir=directory)
+        try:
+            super().__init__(name, command, port, log_dir=directory)
+        except RuntimeError:  # not ready: do not leave it running behind the failed test
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+            raise
 
     def wait_ready(self, path, timeout=30):
         """Ready when the port accepts: no URL of the config under test is assumed to work."""
