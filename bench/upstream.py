@@ -132,8 +132,13 @@ class Upstream(asyncio.Protocol):
     # --- one stream ---------------------------------------------------------------------------
 
     def start_stream(self, body):
+        opts = self.opts
         self.streaming = True
         self.figures.streams += 1
+        if self.figures.streams <= opts.warmup:  # the runner's warm-up requests: answered at once
+            self.tokens, self.interval, self.hold = 3, 0.0, 0.0
+        else:
+            self.tokens, self.interval, self.hold = opts.tokens, opts.interval, opts.hold
         model = str(body.get("model", "gpt-bench")).encode()
         self.usage = bool((body.get("stream_options") or {}).get("include_usage"))
         usage_field = b',"usage":null' if self.usage else b""
@@ -157,19 +162,19 @@ class Upstream(asyncio.Protocol):
         """When token i (0-based) is due: the first at once, the second after the hold, then every interval."""
         if i == 0:
             return self.started
-        return self.started + self.opts.hold + (i - 1) * self.opts.interval
+        return self.started + self.hold + (i - 1) * self.interval
 
     def fast(self, i):
         """Whether token i goes as fast as possible: --interval 0, and not the one that ends the hold."""
-        return self.opts.interval == 0 and i > 0 and not (i == 1 and self.opts.hold > 0)
+        return self.interval == 0 and i > 0 and not (i == 1 and self.hold > 0)
 
     def step(self):
         self.handle = None
         if not self.streaming:
             return
-        opts, figures = self.opts, self.figures
+        figures = self.figures
         if self.fast(self.sent):  # a batch per write, until the socket's buffer is full
-            n = min(opts.batch, opts.tokens - self.sent)
+            n = min(self.opts.batch, self.tokens - self.sent)
             event = chunk(self.token_event(time.time()))
             self.transport.write(event * n)  # one send time for the batch: they leave together
         else:
@@ -181,7 +186,7 @@ class Upstream(asyncio.Protocol):
             self.transport.write(chunk(self.token_event(time.time())))
         self.sent += n
         figures.tokens += n
-        if self.sent >= opts.tokens:
+        if self.sent >= self.tokens:
             self.end_stream()
         elif not self.fast(self.sent):
             self.handle = self.loop.call_at(self.deadline(self.sent), self.step)
@@ -233,6 +238,7 @@ def main(argv=None):
     parser.add_argument("--hold", type=float, default=0.0, help="seconds of silence after the first token")
     parser.add_argument("--batch", type=int, default=8, help="tokens per write when --interval is 0")
     parser.add_argument("--backlog", type=int, default=4096)
+    parser.add_argument("--warmup", type=int, default=0, help="the first N streams get 3 tokens at once")
     opts = parser.parse_args(argv)
     raise_fd_limit()
     if uvloop is not None:
