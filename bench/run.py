@@ -308,7 +308,7 @@ class Sampler(threading.Thread):
 
 def measured_run(subject, tag, upstream_args, concurrency, ramp, timeout, hold_open=None):
     """Fresh upstream and subject, warm-up, then the load with CPU, RSS and noise figures."""
-    upstream = start_upstream(tag, **upstream_args)
+    upstream = start_upstream(tag, **upstream_args, warmup=0 if subject == DIRECT else WARMUP)
     proc = None
     try:
         if subject == DIRECT:
@@ -331,11 +331,14 @@ def measured_run(subject, tag, upstream_args, concurrency, ramp, timeout, hold_o
                 open_rss.append(tree_rss_kb(pid))
                 time.sleep(0.1)
 
+        spy = start_profile(subject, tag, pid) if PROFILE else None
         started = time.monotonic()
         result = run_load(port, concurrency, tag, ramp, timeout, path=path, hold_open=hold_open, on_ready=on_ready)
         wall = time.monotonic() - started
         cpu1, up1, busy1 = tree_cpu(pid), tree_cpu(upstream.pid), core_busy()
         peak = sampler.stop()
+        if spy is not None:
+            stop_profile(spy)
     finally:
         if proc is not None:
             proc.stop()
@@ -360,6 +363,49 @@ def measured_run(subject, tag, upstream_args, concurrency, ramp, timeout, hold_o
         upstream=figures,
     )
     return result
+
+
+PROFILE = False  # --profile: py-spy samples the Python subjects during each measured run
+
+
+def start_profile(subject, tag, pid):
+    """Start py-spy on a Python subject's tree (on the harness core); None for the others."""
+    if subject not in ("flask", "fastapi"):
+        return None
+    out = LOGS / f"profile-{subject}-{tag}.raw"
+    command = [str(VENV / "bin" / "py-spy"), "record", "-p", str(pid), "-s", "-f", "raw", "-o", str(out)]
+    proc = Proc(f"py-spy-{subject}-{tag}", command + ["-r", "200", "--nonblocking", "--nolineno"])
+    proc.out = out
+    time.sleep(0.5)  # let it attach
+    return proc
+
+
+def stop_profile(spy, top=25):
+    """Stop py-spy and write the functions where the subject's CPU went, by self and by total samples."""
+    spy.process.send_signal(signal.SIGINT)
+    try:
+        spy.process.wait(15)
+    except subprocess.TimeoutExpired:
+        spy.stop(signal.SIGKILL)
+        return
+    spy.log.close()
+    own, total, samples = {}, {}, 0
+    for line in spy.out.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames, n = stack.split(";"), int(count)
+        samples += n
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for frame in set(frames):
+            total[frame] = total.get(frame, 0) + n
+    lines = [f"{samples} samples of {spy.out.name}", "", "self %  function"]
+    lines += [f"{n / samples * 100:6.1f}  {f}" for f, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]]
+    lines += ["", "total %  function"]
+    lines += [f"{n / samples * 100:6.1f}  {f}" for f, n in sorted(total.items(), key=lambda kv: -kv[1])[:top]]
+    summary = spy.out.with_suffix(".txt")
+    summary.write_text("\n".join(lines) + "\n")
+    print(f"  profile: {summary.relative_to(ROOT)}", flush=True)
 
 
 def failed(result, p99_limit=None):
@@ -695,6 +741,7 @@ def main(argv=None):
     parser.add_argument("--subjects", default=",".join([DIRECT, *SUBJECT_NAMES]), help="comma-separated")
     parser.add_argument("--scenarios", default="S1,S2,S3,S4", help="comma-separated")
     parser.add_argument("--out", help="the Markdown report (default: see the module docstring)")
+    parser.add_argument("--profile", action="store_true", help="py-spy the Python subjects (skews their figures)")
     opts = parser.parse_args(argv)
     subjects = [s.strip() for s in opts.subjects.split(",") if s.strip()]
     scenarios = [s.strip().upper() for s in opts.scenarios.split(",") if s.strip()]
@@ -702,7 +749,10 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown: {', '.join(sorted(unknown))}")
     mode = "quick" if opts.quick else "full"
-    complete = not opts.quick and set(subjects) >= set(SUBJECT_NAMES) and set(scenarios) == set(SCENARIOS)
+    global PROFILE
+    PROFILE = opts.profile
+    everything = set(subjects) >= set(SUBJECT_NAMES) and set(scenarios) == set(SCENARIOS)
+    complete = everything and not opts.quick and not opts.profile
     out = Path(opts.out) if opts.out else (BENCH / "results.md" if complete else LOGS / "last.md")
 
     os.sched_setaffinity(0, {int(HARNESS_CORE)})  # this script and the harness: core 0
