@@ -12,11 +12,14 @@ Mount it: from app import chat; other_app.register_blueprint(chat, url_prefix="/
 """
 
 import hmac
+import itertools
 import json
 import logging
 import os
 import queue
 import re
+import select
+import socket
 import sys
 import threading
 import time
@@ -45,7 +48,7 @@ DEFAULTS = {
     "CHAT_UPSTREAM_RETRIES": 1,  # the SDK's retries of a refused or failed request, before the first byte only
     "CHAT_RETRY_MAX_WAIT": 5.0,  # a 429 asking to wait longer than this goes back to the client at once
     "CHAT_CONNECT_TIMEOUT": 5.0,  # seconds to open a connection to the upstream
-    "CHAT_MAX_STREAMS": 1000,  # open streams per worker process; past it, 503 with Retry-After
+    "CHAT_MAX_STREAMS": 900,  # open streams per worker; past it 503. Keep below gunicorn's worker_connections
     "CHAT_API_TOKEN": "",  # when set, /api/chat wants "Authorization: Bearer <token>"
     "CHAT_CORS_ORIGINS": "",  # comma-separated origins allowed to call /api/chat from a browser; empty: none
     "CHAT_DEMO_WORD_SECONDS": 0.05,  # the demo model's pace: slow enough to watch it type
@@ -94,10 +97,10 @@ class UpstreamError(Exception):
 
 
 class OpenAIStream:
-    """Read the chat completion's SSE body ourselves: the SDK made the request, we parse the lines.
+    """Read the chat completion's SSE body ourselves: the SDK made the request, we parse the bytes.
 
-    Building the SDK's typed chunk objects costs several times more CPU per token than
-    `json.loads` on the line, and the relay needs only three fields.
+    The SDK's typed chunk objects cost several times more CPU per token than `json.loads` on the
+    line, and its text and line layers most of the rest; the relay needs three fields.
     """
 
     def __init__(self, response):
@@ -106,22 +109,26 @@ class OpenAIStream:
         self.usage = None
 
     def __iter__(self):
-        for line in self.response.iter_lines():
-            if not line.startswith("data:"):
-                continue  # blank lines end events; ":" lines are comments
-            data = line[5:].strip()
-            if data == "[DONE]":
-                return
-            chunk = json.loads(data)
-            if chunk.get("error"):
-                raise UpstreamError("The model stopped with an error.", "upstream_error")
-            if chunk.get("usage"):
-                self.usage = chunk["usage"]
-            for choice in chunk.get("choices") or ():  # the usage chunk has no choices
-                self.finish_reason = choice.get("finish_reason") or self.finish_reason
-                content = (choice.get("delta") or {}).get("content")
-                if content:
-                    yield content
+        pending = b""
+        for data in self.response.iter_bytes():  # what one network read gave: lines, or part of one
+            lines = (pending + data).split(b"\n")
+            pending = lines.pop()  # an unfinished last line waits for the rest
+            for line in lines:
+                if not line.startswith(b"data:"):
+                    continue  # blank lines end events; ":" lines are comments
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    return
+                chunk = json.loads(payload)
+                if chunk.get("error"):
+                    raise UpstreamError("The model stopped with an error.", "upstream_error")
+                if chunk.get("usage"):
+                    self.usage = chunk["usage"]
+                for choice in chunk.get("choices") or ():  # the usage chunk has no choices
+                    self.finish_reason = choice.get("finish_reason") or self.finish_reason
+                    content = (choice.get("delta") or {}).get("content")
+                    if content:
+                        yield content
         if self.finish_reason is None:  # no [DONE], no finish_reason: the upstream was cut off
             raise UpstreamError("The reply was cut off.", "upstream_incomplete")
 
@@ -173,20 +180,36 @@ def per_process(app, name, create):
     return value
 
 
-def create_openai_client(config):
-    """Make the SDK client: bounded retries and waits, and a connection pool as large as the stream cap."""
-    wait_for_headers = max(config["CHAT_FIRST_TOKEN_TIMEOUT"], config["CHAT_IDLE_TIMEOUT"])
-    return openai.OpenAI(
-        # A local server (Ollama, vLLM, llama.cpp) needs no key, but the SDK insists on one.
-        api_key=config["OPENAI_API_KEY"] or "unused",
-        base_url=config["OPENAI_BASE_URL"] or None,
-        max_retries=config["CHAT_UPSTREAM_RETRIES"],
-        http_client=openai.DefaultHttpxClient(
-            timeout=httpx2.Timeout(wait_for_headers, connect=config["CHAT_CONNECT_TIMEOUT"]),
-            limits=httpx2.Limits(max_connections=config["CHAT_MAX_STREAMS"], max_keepalive_connections=100),
-            event_hooks={"response": [refuse_long_retry_waits(config["CHAT_RETRY_MAX_WAIT"])]},
-        ),
-    )
+POOL_STREAMS = 64  # streams per SDK client: httpx's pool scans all its connections as each request starts and ends
+
+
+def create_openai_clients(config):
+    """Make this worker's SDK clients, one per POOL_STREAMS of CHAT_MAX_STREAMS, taken in turn.
+
+    One pool for thousands of streams would cost O(streams) per stream and stall the worker past a
+    few thousand; small pools keep that constant. They share one TLS context (~30 ms to build) and
+    need no connection limit of their own: CHAT_MAX_STREAMS bounds them all.
+    """
+    # The wait for headers is the first-token timeout; body reads get a second more than the relay's
+    # own timeouts, so that those fire first, with their clearer codes, and close the upstream.
+    read_timeout = max(config["CHAT_FIRST_TOKEN_TIMEOUT"], config["CHAT_IDLE_TIMEOUT"]) + 1.0
+    tls = httpx2.create_ssl_context()  # what httpx builds by default: the system's trust store
+
+    def client():
+        return openai.OpenAI(
+            # A local server (Ollama, vLLM, llama.cpp) needs no key, but the SDK insists on one.
+            api_key=config["OPENAI_API_KEY"] or "unused",
+            base_url=config["OPENAI_BASE_URL"] or None,
+            max_retries=config["CHAT_UPSTREAM_RETRIES"],
+            http_client=openai.DefaultHttpxClient(
+                verify=tls,
+                timeout=httpx2.Timeout(read_timeout, connect=config["CHAT_CONNECT_TIMEOUT"]),
+                limits=httpx2.Limits(max_connections=None, max_keepalive_connections=16),
+                event_hooks={"response": [refuse_long_retry_waits(config["CHAT_RETRY_MAX_WAIT"])]},
+            ),
+        )
+
+    return itertools.cycle([client() for _ in range(-(-config["CHAT_MAX_STREAMS"] // POOL_STREAMS))])
 
 
 def refuse_long_retry_waits(max_wait):
@@ -211,9 +234,8 @@ def open_upstream(config, model, messages):
     """Start the completion and wait for its response headers, so a refusal can still be an HTTP status."""
     if not config["OPENAI_API_KEY"] and not config["OPENAI_BASE_URL"]:
         return DemoStream(messages, config["CHAT_DEMO_WORD_SECONDS"])
-    completion = per_process(
-        current_app, "chat.openai", create_openai_client
-    ).chat.completions.with_streaming_response.create(
+    client = next(per_process(current_app, "chat.openai", create_openai_clients))
+    completion = client.chat.completions.with_streaming_response.create(
         model=model,
         messages=messages,
         stream=True,
@@ -281,7 +303,33 @@ def read_upstream(upstream, items):
         items.put(exc)
 
 
-def relay(upstream, stream_id, model, config):
+def take_waiting(items, first):
+    """Return `first` and whatever already waits behind it, up to an END or an exception."""
+    batch = [first]
+    while batch[-1] is not END and not isinstance(batch[-1], Exception):
+        try:
+            batch.append(items.get_nowait())
+        except queue.Empty:
+            break
+    return batch
+
+
+def client_has_left(client):
+    """Tell whether the client closed its end, so a silent stream ends now, not one failed write later.
+
+    A write after the client closed still succeeds (the kernel takes it, the peer answers with a
+    reset), so heartbeats alone notice only at the second one. `client` is gunicorn's socket, or None.
+    """
+    if client is None:
+        return False
+    try:
+        readable, _, _ = select.select([client], [], [], 0)
+        return bool(readable) and not client.recv(1, socket.MSG_PEEK)  # readable and empty: closed
+    except OSError:
+        return True
+
+
+def relay(upstream, stream_id, model, config, client=None):
     """Yield the SSE events of one reply, with heartbeats in silences; close the upstream however we leave.
 
     Every way out, done, error, timeout, client gone (gunicorn closes the generator when a write
@@ -304,16 +352,22 @@ def relay(upstream, stream_id, model, config):
             except queue.Empty:
                 if time.monotonic() >= deadline:
                     raise StreamTimeout(TIMEOUTS[code][1], code) from None
+                if client_has_left(client):
+                    outcome = "client_gone"
+                    return
                 yield PING
                 continue
-            if item is END:
+            batch = take_waiting(items, item)
+            deltas = [delta for delta in batch if isinstance(delta, str)]
+            if deltas:
+                last_token = time.monotonic()
+                first_token = first_token or last_token
+                events += len(deltas)
+                yield b"".join([sse({"content": delta}) for delta in deltas])  # one write for all
+            if batch[-1] is END:
                 break
-            if isinstance(item, Exception):
-                raise item
-            last_token = time.monotonic()
-            first_token = first_token or last_token
-            events += 1
-            yield sse({"content": item})
+            if isinstance(batch[-1], Exception):
+                raise batch[-1]
         outcome = "done"
         yield sse({"content": "", "finish_reason": upstream.finish_reason, "usage": upstream.usage})
         yield DONE
@@ -448,9 +502,9 @@ def chat_completion():
         log.warning("upstream refused: %s %s (%s)", status, code, type(exc).__name__)
         return error(status, code, message, {"Retry-After": retry_after} if retry_after else None)
 
-    stream_id = uuid.uuid4().hex[:12]
+    stream_id = request_id()
     response = Response(
-        relay(upstream, stream_id, model, config),
+        relay(upstream, stream_id, model, config, request.environ.get("gunicorn.socket")),
         # No "Connection: keep-alive": it is hop-by-hop, gunicorn drops it and HTTP/2 forbids it.
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": stream_id},
         content_type="text/event-stream",  # UTF-8 by definition: no charset parameter needed
@@ -475,6 +529,12 @@ class StreamSlots:
     def release(self):
         with self.lock:
             self.open -= 1
+
+
+def request_id():
+    """Use nginx's X-Request-Id when it looks like one, so its log, gunicorn's and ours share one id."""
+    given = request.headers.get("X-Request-Id", "")
+    return given if re.fullmatch(r"[A-Za-z0-9._-]{8,64}", given) else uuid.uuid4().hex[:12]
 
 
 def authorized(token):
@@ -534,6 +594,11 @@ def create_app(config=None):
     app = Flask(__name__, static_folder=None)  # the blueprint serves static/ at /chat-static
     app.config.update(config or {})
     app.register_blueprint(chat)
+    if app.config["OPENAI_API_KEY"] or app.config["OPENAI_BASE_URL"]:
+        # Make the SDK clients now, in the worker (gunicorn imports the app after it forks), and let
+        # the SDK import the parts it loads on first use: the first request would wait ~50 ms for both.
+        clients = per_process(app, "chat.openai", create_openai_clients)
+        next(clients).chat.completions.with_streaming_response  # noqa: B018 (the access is the point)
     return app
 
 

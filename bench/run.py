@@ -259,6 +259,8 @@ def start_subject(name, tag, upstream_port, concurrency=0, wait=True):
             "CHAT_MODEL": "gpt-4",
             # gunicorn.conf.py reads it: room for every stream of the scenario, 1000 at least (its default)
             "GUNICORN_WORKER_CONNECTIONS": str(max(1000, concurrency + 100)),
+            # app.py's cap on open streams per worker, kept below worker_connections as documented
+            "CHAT_MAX_STREAMS": str(max(900, concurrency + 50)),
         }
     )
     proc = Proc(f"{name}-{tag}", command, cwd=cwd, env=env, core=SUBJECT_CORE)

@@ -88,18 +88,27 @@ def test_client_gone_while_tokens_flow_closes_the_upstream(fast_gunicorn, upstre
     assert wait_for(lambda: any("end=client_gone" in line for line in stream_log_lines(fast_gunicorn)))
 
 
-def test_client_gone_during_a_silence_closes_the_upstream_within_a_heartbeat(fast_gunicorn, upstream):
+@pytest.fixture
+def one_second_heartbeat_gunicorn(fake_upstream_server, tmp_path_factory):
+    env = {"OPENAI_BASE_URL": fake_upstream_server.url, "OPENAI_API_KEY": API_KEY, "CHAT_HEARTBEAT_SECONDS": "1"}
+    server = start_gunicorn("heartbeat1", tmp_path_factory, env)
+    yield server
+    server.stop()
+
+
+def test_client_gone_during_a_silence_closes_the_upstream_within_a_heartbeat(one_second_heartbeat_gunicorn, upstream):
+    """A write after the client left still succeeds, so pings alone would take two intervals (2 s here)."""
     upstream.reset(tokens=["never sent"], hold=30)
-    connection, response = open_chat(fast_gunicorn.url, HI)
+    connection, response = open_chat(one_second_heartbeat_gunicorn.url, HI)
     assert response.read1(65536).startswith(b": ok")
     hang_up(connection, response)
     left = time.monotonic()
 
     [received] = upstream.received
-    assert received.hung_up.wait(2), "the upstream never saw its connection closed"
+    assert received.hung_up.wait(3), "the upstream never saw its connection closed"
     delay = received.hung_up_at - left
-    print(f"\nhang-up to upstream close, during a silence (heartbeat 0.25 s): {delay * 1000:.0f} ms")
-    assert delay < 1.0
+    print(f"\nhang-up to upstream close, during a silence (heartbeat 1 s): {delay * 1000:.0f} ms")
+    assert delay < 1.5
     assert received.sent == []
 
 
@@ -226,6 +235,18 @@ def test_one_log_line_per_stream_says_how_it_ended(fast_gunicorn, upstream):
     assert wait_for(lambda: len(stream_log_lines(fast_gunicorn)) == before + 1)
     [line] = [line for line in stream_log_lines(fast_gunicorn) if stream_id in line]
     assert re.search(r"model=\S+ end=done ttft=[\d.]+s duration=[\d.]+s events=3 tokens=5", line), line
+
+
+def test_nginx_request_id_is_the_stream_id(fast_gunicorn, upstream):
+    upstream.reset(tokens=["a"])
+    given = post_chat(fast_gunicorn.url, HI, headers={"X-Request-Id": "0123456789abcdef0123456789abcdef"})
+    made_up = post_chat(fast_gunicorn.url, HI, headers={"X-Request-Id": "bad id\u00e9"})
+
+    assert given.headers["X-Request-Id"] == "0123456789abcdef0123456789abcdef"
+    assert re.fullmatch(r"[0-9a-f]{12}", made_up.headers["X-Request-Id"])
+    assert wait_for(
+        lambda: any("stream 0123456789abcdef0123456789abcdef " in line for line in stream_log_lines(fast_gunicorn))
+    )
 
 
 def test_the_api_key_never_reaches_a_log_or_a_client(fast_gunicorn, upstream):
