@@ -322,10 +322,11 @@ def client_has_left(client):
     """
     if client is None:
         return False
+    poller = select.poll()  # not select.select(): it fails on descriptors past 1024, i.e. past ~500 streams
+    poller.register(client, select.POLLIN)
     try:
-        readable, _, _ = select.select([client], [], [], 0)
-        return bool(readable) and not client.recv(1, socket.MSG_PEEK)  # readable and empty: closed
-    except OSError:
+        return bool(poller.poll(0)) and not client.recv(1, socket.MSG_PEEK)  # readable and empty: closed
+    except OSError:  # reset by the peer: gone as well
         return True
 
 

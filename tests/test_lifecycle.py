@@ -320,3 +320,19 @@ def test_stream_outliving_graceful_timeout_is_logged_as_shutdown(doomed_gunicorn
     assert b"[DONE]" not in raw
     assert wait_for(lambda: any("end=shutdown" in line for line in stream_log_lines(doomed_gunicorn)))
     assert upstream.received[0].hung_up.wait(2)
+
+
+def test_a_closed_client_is_seen_past_descriptor_1024():
+    """select() refuses descriptors past 1024, which a worker with ~500 streams already uses."""
+    from app import client_has_left
+
+    filler = [socket.socket() for _ in range(1030)]
+    ours, theirs = socket.socketpair()
+    try:
+        assert ours.fileno() > 1024
+        assert not client_has_left(ours)
+        theirs.close()
+        assert client_has_left(ours)
+    finally:
+        for sock in (*filler, ours):
+            sock.close()
