@@ -700,6 +700,70 @@ def report_s4(runs):
     return table(header, rows)
 
 
+def report_targets(raw, subject="flask"):
+    """Each target of the performance budget (shared/DESIGN.md) beside what this run measured."""
+
+    def runs(scenario, name=subject):
+        return [r for r in raw.get(scenario, []) if r["subject"] == name]
+
+    def verdict(ok):
+        return "met" if ok else "gap"
+
+    rows = []
+    s1, s1_express = runs("S1"), runs("S1", "express")
+    if s1 and s1_express:
+        ours, theirs = s1[0]["events_per_s"], s1_express[0]["events_per_s"]
+        rows.append(
+            [
+                "S1 events/s ≥ Express's, same run",
+                f"{ours:,.0f} vs {theirs:,.0f} ({ours / theirs:.2f}×)",
+                verdict(ours >= theirs),
+            ]
+        )
+    s2 = runs("S2")
+    if s2:
+        cpu = ", ".join(f"{r['cpu_us_per_event']:.1f} at C={r['concurrency']}" for r in s2)
+        rows.append(
+            ["CPU per event at 50 tokens/s ≤ 40 µs", cpu, verdict(all(r["cpu_us_per_event"] <= 40 for r in s2))]
+        )
+        p99 = ", ".join(f"{r['latency_ms']['p99']:.1f} ms at C={r['concurrency']}" for r in s2)
+        fine = [r["concurrency"] for r in s2 if not r["failed"] and r["latency_ms"]["p99"] < 20]
+        rows.append(
+            ["≥ 500 streams at 50 tokens/s, p99 added latency < 20 ms", p99, verdict(any(c >= 500 for c in fine))]
+        )
+    s3 = runs("S3")
+    if s3:
+        top = max(s3, key=lambda r: r["concurrency"])
+        kb = ", ".join(f"{fmt(r['kb_per_stream'], 1)} at C={r['concurrency']}" for r in s3)
+        rows.append(
+            [
+                "≤ 32 KB per idle open stream",
+                kb,
+                verdict(all(r["kb_per_stream"] and r["kb_per_stream"] <= 32 for r in s3)),
+            ]
+        )
+        rows.append(
+            [
+                "10,000 idle streams in one worker",
+                f"{top['held_open']:,} of {top['concurrency']:,} open",
+                "met, up to this machine's fd limit"
+                if top["held_open"] == top["concurrency"] < 10_000
+                else verdict(top["held_open"] >= 10_000),
+            ]
+        )
+    s4 = runs("S4")
+    if s4:
+        r = s4[0]
+        rows.append(
+            [
+                "first event of the first request after a start ≤ 100 ms",
+                f"{fmt(r['ttfe_ms'], 1)} ms after the port opens ({fmt(r['start_to_event_ms'])} ms after the start)",
+                verdict(r["ttfe_ms"] <= 100),
+            ]
+        )
+    return table(["target (per gevent worker, i.e. per core)", "measured", "verdict"], rows)
+
+
 def versions():
     def pkgs(python, names):
         code = "import importlib.metadata as m,sys,json;print(json.dumps({n:m.version(n) for n in sys.argv[1:]}))"
@@ -807,6 +871,8 @@ def main(argv=None):
         '"upstream" is the load generator straight against the fake upstream: the harness\'s own ceiling. '
         f"Each row: the least disturbed of {REPEAT} run(s) (all of them in bench/results/raw-*.json).\n"
     )
+    if "flask" in subjects:
+        sections.insert(0, f"## Targets: ours against the performance budget\n\n{report_targets(raw)}")
     report = header + "\n" + "\n\n".join(sections) + "\n"
     out.write_text(report)
     print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}", flush=True)
