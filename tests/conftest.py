@@ -241,19 +241,25 @@ class LiveServer:
         self.wait_ready(ready_path)
 
     def wait_ready(self, path, timeout=30):
+        """Poll until GET `path` answers 200 (with `path` None: until the port accepts)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log()}")
             try:
+                if path is None:
+                    socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                    return
                 connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
                 connection.request("GET", path)
                 if connection.getresponse().status == 200:
                     return
             except OSError:
                 pass
-            time.sleep(0.05)
-        raise RuntimeError(f"{self.name} not ready after {timeout}s:\n{self.log()}")
+            time.sleep(0.02)
+        log = self.log()
+        self.stop()  # not ready: do not leave it running behind the failed test
+        raise RuntimeError(f"{self.name} not ready after {timeout}s:\n{log}")
 
     def log(self):
         self.log_file.flush()

@@ -75,26 +75,8 @@ class Nginx(LiveServer):
         self.conf = render(directory, port, app_servers, replace)
         command = [nginx_binary(), "-p", str(directory), "-e", str(self.directory / "error.log")]
         command += ["-c", str(self.conf), "-g", "daemon off;"]
-        try:
-            super().__init__(name, command, port, log_dir=directory)
-        except RuntimeError:  # not ready: do not leave it running behind the failed test
-            if self.process.poll() is None:
-                self.process.kill()
-                self.process.wait()
-            raise
-
-    def wait_ready(self, path, timeout=30):
-        """Ready when the port accepts: no URL of the config under test is assumed to work."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError(f"{self.name} not ready after {timeout}s:\n{self.log()}")
+        # Ready when the port accepts: no URL of the config under test is assumed to work.
+        super().__init__(name, command, port, log_dir=directory, ready_path=None)
 
     def log(self):
         error_log = self.directory / "error.log"
@@ -145,15 +127,17 @@ def nginx(gunicorn, fake_upstream_server, tmp_path_factory):
     server.stop()
 
 
+UNHELPED = [  # gzip for text/event-stream in the http block, and the app's X-Accel-Buffering ignored
+    with_directive("gzip_types text/css", "gzip_types text/event-stream text/css"),
+    with_directive("location = /api/chat {", "location = /api/chat {\n proxy_ignore_headers X-Accel-Buffering;"),
+]
+
+
 @pytest.fixture(scope="module")
 def nginx_unhelped(gunicorn, tmp_path_factory):
     """The SSE location on its own: the http block gzips text/event-stream too, and the app's
     `X-Accel-Buffering: no` is ignored, so only the location's directives keep the stream raw."""
-    replace = [
-        with_directive("gzip_types text/css", "gzip_types text/event-stream text/css"),
-        with_directive("location = /api/chat {", "location = /api/chat {\n proxy_ignore_headers X-Accel-Buffering;"),
-    ]
-    server = start_nginx("nginx-unhelped", tmp_path_factory, [gunicorn], replace)
+    server = start_nginx("nginx-unhelped", tmp_path_factory, [gunicorn], UNHELPED)
     yield server
     server.stop()
 
@@ -161,11 +145,7 @@ def nginx_unhelped(gunicorn, tmp_path_factory):
 @pytest.fixture(scope="module")
 def nginx_gzipping(gunicorn, tmp_path_factory):
     """nginx_unhelped with gzip on in the SSE location too: only `proxy_buffering off` is left."""
-    replace = [
-        with_directive("gzip_types text/css", "gzip_types text/event-stream text/css"),
-        with_directive("location = /api/chat {", "location = /api/chat {\n proxy_ignore_headers X-Accel-Buffering;"),
-        with_directive("            gzip off;", "            gzip on;"),
-    ]
+    replace = [*UNHELPED, with_directive("            gzip off;", "            gzip on;")]
     server = start_nginx("nginx-gzipping", tmp_path_factory, [gunicorn], replace)
     yield server
     server.stop()
