@@ -109,8 +109,11 @@ class OpenAIStream:
         self.usage = None
 
     def __iter__(self):
+        http = self.response.http_response
+        # Without a Content-Encoding (the usual case for SSE) the raw bytes skip httpx's decoder layers.
+        reads = http.iter_raw() if http.headers.get("content-encoding", "identity") == "identity" else http.iter_bytes()
         pending = b""
-        for data in self.response.iter_bytes():  # what one network read gave: lines, or part of one
+        for data in reads:  # what one network read gave: lines, or part of one
             lines = (pending + data).split(b"\n")
             pending = lines.pop()  # an unfinished last line waits for the rest
             for line in lines:
