@@ -77,9 +77,14 @@ OPENED = b": ok\n\n"  # sent with the headers, so proxies and the browser see th
 PING = b": ping\n\n"  # a comment: every SSE client ignores it
 
 
+to_json = json.JSONEncoder(
+    ensure_ascii=False
+).encode  # made once: json.dumps(..., ensure_ascii=False) makes one per call
+
+
 def sse(payload):
     """Encode one event: `data: <json>` and the blank line that ends it (one line, as JSON escapes newlines)."""
-    return b"data: " + json.dumps(payload, ensure_ascii=False).encode("utf-8", "replace") + b"\n\n"
+    return b"data: " + to_json(payload).encode("utf-8", "replace") + b"\n\n"
 
 
 # --- Upstreams: the openai SDK stream and the demo model, one interface ------------------------
