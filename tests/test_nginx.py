@@ -203,14 +203,15 @@ def nginx_short_timeout_no_heartbeat(gunicorn, tmp_path_factory):
 # --- The config itself -------------------------------------------------------------------------
 
 
+def nginx_check(conf, directory):
+    """Run `nginx -t` on `conf`, with its logs in `directory`."""
+    command = [nginx_binary(), "-t", "-p", str(directory), "-e", str(directory / "error.log"), "-c", str(conf)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=30)
+
+
 def test_nginx_accepts_the_config(tmp_path):
     conf = render(tmp_path, free_port(), ["127.0.0.1:8000"])
-    result = subprocess.run(
-        [nginx_binary(), "-t", "-p", str(tmp_path), "-e", str(tmp_path / "error.log"), "-c", str(conf)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = nginx_check(conf, tmp_path)
     assert result.returncode == 0, result.stderr
     assert "test is successful" in result.stderr
 
@@ -222,12 +223,7 @@ def test_site_file_part_stands_alone(tmp_path):
     site = re.search(r"# ---- site file: from here.*# ---- site file: to here", text, re.S).group(0)
     conf = tmp_path / "site-only.conf"
     conf.write_text(f"pid {tmp_path}/site.pid;\nevents {{}}\nhttp {{\n{site}\n}}\n")
-    result = subprocess.run(
-        [nginx_binary(), "-t", "-p", str(tmp_path), "-e", str(tmp_path / "error.log"), "-c", str(conf)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = nginx_check(conf, tmp_path)
     assert result.returncode == 0, result.stderr
 
 
