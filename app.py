@@ -126,6 +126,8 @@ class OpenAIStream:
                     continue  # blank lines end events; ":" lines are comments
                 payload = line[5:].strip()
                 if payload == b"[DONE]":
+                    for _ in reads:  # the end of the body, normally already here: the connection can be reused
+                        pass
                     return
                 chunk = json.loads(payload)
                 if chunk.get("error"):

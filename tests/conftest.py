@@ -51,6 +51,7 @@ class Received:
     """One request the fake upstream received, and how it ended."""
 
     path: str
+    client_port: int  # the same port on two requests: the connection was reused
     headers: object  # an email.message.Message: case-insensitive lookups
     body: dict
     hung_up: threading.Event = field(default_factory=threading.Event)  # the client closed first
@@ -72,7 +73,7 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
     def do_POST(self):
         server = self.server
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-        received = Received(self.path, self.headers, body)  # headers: case-insensitive
+        received = Received(self.path, self.client_address[1], self.headers, body)  # headers: case-insensitive
         server.received.append(received)
         script = server.script
         try:

@@ -46,6 +46,14 @@ def test_upstream_gets_the_request_the_sdk_way(gunicorn, upstream):
     assert received.body["stream_options"] == {"include_usage": True}
 
 
+def test_upstream_connections_are_reused(gunicorn, upstream):
+    """A new TCP (and, to OpenAI, TLS) connection per reply would add a handshake to every first token."""
+    for _ in range(3 * 15):  # the worker takes its SDK clients in turn: one per 64 of CHAT_MAX_STREAMS
+        assert post_chat(gunicorn.url, HI).data[-1] == "[DONE]"
+    ports = [received.client_port for received in upstream.received]
+    assert len(set(ports)) <= 15
+
+
 def test_usage_is_null_when_the_upstream_sends_none(gunicorn, upstream):
     upstream.reset(tokens=["a"], usage=None)
     reply = post_chat(gunicorn.url, HI)
