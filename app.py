@@ -64,10 +64,19 @@ def config_from_env(environ=os.environ):
     return {key: type(default)(environ.get(key, default)) for key, default in DEFAULTS.items()}
 
 
+def comma_list(value):
+    """Split a comma-separated setting into its non-empty items."""
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
 def allowed_models(config):
     """Return the models a request may name: CHAT_MODELS, or just CHAT_MODEL."""
-    models = [name.strip() for name in config["CHAT_MODELS"].split(",") if name.strip()]
-    return models or [config["CHAT_MODEL"]]
+    return comma_list(config["CHAT_MODELS"]) or [config["CHAT_MODEL"]]
+
+
+def uses_demo(config):
+    """Tell whether the built-in demo model answers: no key and no server to talk to."""
+    return not config["OPENAI_API_KEY"] and not config["OPENAI_BASE_URL"]
 
 
 # --- Server-Sent Events ---------------------------------------------------------------------
@@ -77,9 +86,8 @@ OPENED = b": ok\n\n"  # sent with the headers, so proxies and the browser see th
 PING = b": ping\n\n"  # a comment: every SSE client ignores it
 
 
-to_json = json.JSONEncoder(
-    ensure_ascii=False
-).encode  # made once: json.dumps(..., ensure_ascii=False) makes one per call
+# Made once: json.dumps(..., ensure_ascii=False) builds a new encoder on every call.
+to_json = json.JSONEncoder(ensure_ascii=False).encode
 
 
 def sse(payload):
@@ -242,7 +250,7 @@ def refuse_long_retry_waits(max_wait):
 
 def open_upstream(config, model, messages):
     """Start the completion and wait for its response headers, so a refusal can still be an HTTP status."""
-    if not config["OPENAI_API_KEY"] and not config["OPENAI_BASE_URL"]:
+    if uses_demo(config):
         return DemoStream(messages, config["CHAT_DEMO_WORD_SECONDS"])
     client = next(per_process(current_app, "chat.openai", create_openai_clients))
     completion = client.chat.completions.with_streaming_response.create(
@@ -415,7 +423,7 @@ def apply_defaults(state):
     """Fill in settings the host app has not set, and say once if the demo model will answer."""
     for key, value in config_from_env().items():
         state.app.config.setdefault(key, value)
-    if not state.app.config["OPENAI_API_KEY"] and not state.app.config["OPENAI_BASE_URL"]:
+    if uses_demo(state.app.config):
         log.warning(
             "No OPENAI_API_KEY or OPENAI_BASE_URL: the built-in demo model answers. "
             "Set OPENAI_API_KEY for OpenAI, or OPENAI_BASE_URL for a compatible server."
@@ -559,7 +567,7 @@ def authorized(token):
 @chat.after_request
 def allow_listed_origins(response):
     """Allow cross-origin calls from CHAT_CORS_ORIGINS only; none by default, as the page is same-origin."""
-    allowed = [origin.strip() for origin in current_app.config["CHAT_CORS_ORIGINS"].split(",") if origin.strip()]
+    allowed = comma_list(current_app.config["CHAT_CORS_ORIGINS"])
     if allowed:
         response.vary.add("Origin")
     origin = request.headers.get("Origin")
@@ -605,7 +613,7 @@ def create_app(config=None):
     app = Flask(__name__, static_folder=None)  # the blueprint serves static/ at /chat-static
     app.config.update(config or {})
     app.register_blueprint(chat)
-    if app.config["OPENAI_API_KEY"] or app.config["OPENAI_BASE_URL"]:
+    if not uses_demo(app.config):
         # Make the SDK clients now, in the worker (gunicorn imports the app after it forks), and let
         # the SDK import the parts it loads on first use: the first request would wait ~50 ms for both.
         clients = per_process(app, "chat.openai", create_openai_clients)
