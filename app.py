@@ -520,6 +520,9 @@ def chat_completion():
         retry_after = exc.response.headers.get("Retry-After") if status == 429 else None
         log.warning("upstream refused: %s %s (%s)", status, code, type(exc).__name__)
         return error(status, code, message, {"Retry-After": retry_after} if retry_after else None)
+    except BaseException:
+        slots.release()  # any other failure (a bug, a worker stopping) must not keep the slot either
+        raise
 
     stream_id = request_id()
     response = Response(
