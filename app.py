@@ -9,6 +9,7 @@ demo model answers, so everything runs offline.
 Run it:   gunicorn -c gunicorn.conf.py 'app:create_app()'    (production: gevent workers)
           flask --app app run                              (development)
 Mount it: from app import chat; other_app.register_blueprint(chat, url_prefix="/assistant")
+Check it: flask --app app doctor https://chat.example.com/      (the whole path to the browser: operate.py)
 """
 
 import hmac
@@ -22,6 +23,7 @@ import threading
 import time
 import uuid
 
+import click
 import openai
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from gevent.monkey import get_original
@@ -54,6 +56,7 @@ DEFAULTS = {
     "CHAT_API_TOKEN": "",  # when set, /api/chat wants "Authorization: Bearer <token>"
     "CHAT_CORS_ORIGINS": "",  # comma-separated origins allowed to call /api/chat from a browser; empty: none
     "CHAT_DEMO_WORD_SECONDS": 0.05,  # the demo model's pace: slow enough to watch it type
+    "CHAT_METRICS": "",  # 1: count streams for Prometheus at /metrics (operate.py); unset or 0: nothing is loaded
 }
 
 ROLES = {"system", "developer", "user", "assistant"}
@@ -84,7 +87,8 @@ def uses_demo(config):
 # --- The request: validate, open the upstream, return the stream ---------------------------------
 
 # The page's files get their own URL path: an app's /static would shadow an unprefixed blueprint's.
-chat = Blueprint("chat", __name__, static_folder="static", static_url_path="/chat-static")
+# Its one CLI command is the app's own: `flask --app app doctor`, not `flask --app app chat doctor`.
+chat = Blueprint("chat", __name__, static_folder="static", static_url_path="/chat-static", cli_group=None)
 
 
 class ApiError(HTTPException):
@@ -100,6 +104,10 @@ def chat_completion():
     """Validate, open the upstream, then stream: every failure before the first byte is an HTTP status."""
     config = current_app.config
     check_token(config["CHAT_API_TOKEN"])
+    if "diagnostic" in request.args:  # `flask doctor`'s stream: at the chat's URL, so it takes the chat's proxy path
+        import operate
+
+        return operate.diagnostic(request.args, config, respond)
     model, messages = parse_chat_request(config)
 
     worker = worker_state(current_app)
@@ -114,17 +122,21 @@ def chat_completion():
     except BaseException:
         worker.slots.release()  # any other failure (a bug, a worker stopping) must not keep the slot either
         raise
+    return respond(upstream, config, model, requested_at, worker.slots.release, metrics(config))
 
+
+def respond(upstream, config, model, requested_at, release, watch=None):
+    """Return the streaming Response relaying `upstream`; `release` is called however it ends."""
     stream_id = request_id()
     client = Client(request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket"), config)
     events = EventStream()
     response = Response(
-        relay(upstream, events, client, config, stream_id, model, requested_at),
+        relay(upstream, events, client, config, stream_id, model, requested_at, watch),
         # No "Connection: keep-alive": it is hop-by-hop, gunicorn drops it and HTTP/2 forbids it.
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": stream_id, **events.headers},
         content_type=events.media_type,  # text/event-stream is UTF-8 by definition: no charset needed
     )
-    response.call_on_close(worker.slots.release)  # called by the server however the response ends
+    response.call_on_close(release)  # called by the server however the response ends
     return response
 
 
@@ -224,6 +236,8 @@ def refusal(exc):
         message = str(body.get("message") or "The model rejected the request.")[:500]
     retry_after = exc.response.headers.get("Retry-After") if status == 429 else None
     log.warning("upstream refused: %s %s (%s)", status, code, type(exc).__name__)
+    if meter := metrics(current_app.config):
+        meter.upstream_refused(key if isinstance(key, int) else "none", code)
     return ApiError(status, code, message, {"Retry-After": retry_after} if retry_after else None)
 
 
@@ -248,16 +262,19 @@ DEADLINES = {  # code: (setting, message for a person)
 }
 
 
-def relay(upstream, events, client, config, stream_id, model, requested_at):
+def relay(upstream, events, client, config, stream_id, model, requested_at, watch=None):
     """Yield the SSE events of one reply, with heartbeats in silences; close the upstream however we leave.
 
     Every way out (done, error, timeout, client gone or stalled, worker shutdown) closes the upstream
     once and logs one line. A client that hangs up makes gunicorn close this generator (GeneratorExit
-    at a yield).
+    at a yield). `watch` (the metrics, or a diagnostic stream's record) hears when the stream opens
+    and, once, how it ended: never per event.
     """
     started = last_output = last_write = time.monotonic()
     first = {}  # kind of output ("content", "reasoning"): seconds from the request to its first delta
-    outcome, count = None, 0
+    outcome, count, error = None, 0, None  # error: the code of the error event sent, if one was
+    if watch:
+        watch.opened(stream_id)
     try:
         yield events.opened()
         while not upstream.finished:
@@ -288,33 +305,37 @@ def relay(upstream, events, client, config, stream_id, model, requested_at):
         outcome = "client_stalled"
         client.hang_up()  # the server's last write then fails at once instead of blocking
     except GreenletExit:  # the worker gave up waiting for this stream to end: say so, then stop
-        outcome = "shutdown"
-        yield events.error("server_shutdown", "The server is restarting. Please send your message again.")
+        outcome, error = "shutdown", "server_shutdown"
+        yield events.error(error, "The server is restarting. Please send your message again.")
     except Exception as exc:  # never BaseException: GeneratorExit must pass through to `finally`
         outcome = "timeout" if isinstance(exc, StreamTimeout) else "error"
         if isinstance(exc, UpstreamError):
-            code, message = exc.code, str(exc)
-            log.warning("stream %s failed: %s", stream_id, code)
+            error, message = exc.code, str(exc)
+            log.warning("stream %s failed: %s", stream_id, error)
         else:  # a bug of ours, not the upstream's
-            code, message = "relay_error", "The reply failed."
-            log.exception("stream %s failed: %s", stream_id, code)
+            error, message = "relay_error", "The reply failed."
+            log.exception("stream %s failed: %s", stream_id, error)
         if client.has_room():
-            yield events.error(code, message)
+            yield events.error(error, message)
     finally:
         upstream.close()
+        outcome = outcome or client.why_closed()  # left at a yield: the server closed us because a write failed
+        duration = time.monotonic() - started
         usage = upstream.usage if isinstance(upstream.usage, dict) else {}
         log.info(
             "stream %s model=%s end=%s ttfr=%s ttft=%s duration=%.3fs events=%d tokens=%s reader=%s",
             stream_id,
             model,
-            outcome or client.why_closed(),  # left at a yield: the server closed us because a write failed
+            outcome,
             seconds(first.get("reasoning")),
             seconds(first.get("content")),
-            time.monotonic() - started,
+            duration,
             count,
             usage.get("completion_tokens", count),
             upstream.reader,
         )
+        if watch:
+            watch.ended(outcome, error or upstream.finish_reason, first, duration, usage, count)
 
 
 def nearest_deadline(config, requested_at, started, last_output, answering):
@@ -499,6 +520,8 @@ def json_error(exc):
     """The one error path: every failure before the stream is {"error": {"message", "code"}} with its status."""
     code = getattr(exc, "error_code", None) or exc.name.lower().replace(" ", "_")
     headers = getattr(exc, "headers", None) or {}
+    if meter := metrics(current_app.config):
+        meter.refused_before_stream(exc.code, code)
     return jsonify(error={"message": exc.description, "code": code}), exc.code, headers
 
 
@@ -540,6 +563,39 @@ def models():
 def healthz():
     """Answer load balancers without touching the upstream; the figures are this worker's."""
     return {"status": "ok", "open_streams": worker_state(current_app).slots.open}
+
+
+# --- Operating it: metrics, and the doctor's command (both in operate.py, loaded only when used) ----
+
+
+def metrics(config):
+    """Return operate.py's metrics when CHAT_METRICS is on, else None: prometheus_client is then never imported."""
+    if str(config["CHAT_METRICS"]).strip().lower() in ("", "0", "false", "no", "off"):
+        return None
+    import operate
+
+    return operate.metrics()
+
+
+@chat.get("/metrics")
+def prometheus_metrics():
+    """Serve the Prometheus text format, summed over all workers. nginx.conf lets only the machine itself in."""
+    if meter := metrics(current_app.config):
+        return meter.exposition()
+    raise ApiError(404, "not_found", "Metrics are off: set CHAT_METRICS=1.")
+
+
+@chat.cli.command("doctor")
+@click.argument("url")
+@click.option("--silence", default=70.0, type=click.FloatRange(0, 600), help="Seconds of silence to hold (default 70).")
+@click.option("--token", help="The deployment's CHAT_API_TOKEN (default: this app's).")
+@click.option("--cafile", help="CA certificates to trust for TLS, besides the system's (PEM).")
+def doctor(url, silence, token, cafile):
+    """Check that a deployment streams: buffering, compression, headers, silences, aborts, HTTP/2, TLS."""
+    import operate
+
+    token = current_app.config["CHAT_API_TOKEN"] if token is None else token
+    raise SystemExit(operate.doctor(url, silence, token, cafile))
 
 
 @chat.record_once

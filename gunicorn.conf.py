@@ -10,6 +10,8 @@ Reference: https://gunicorn.org/reference/settings/
 """
 
 import os
+import shutil
+import tempfile
 
 #
 # Server socket
@@ -119,3 +121,46 @@ logconfig_dict = {
 }
 
 control_socket_disable = True
+
+#
+# Metrics and the doctor
+#
+#   on_starting - Give the workers one directory to share, new and empty for each start of the
+#       master: prometheus_client's multiprocess mode (CHAT_METRICS) keeps each worker's figures in
+#       files there, and /metrics adds up all of them whichever worker answers; the diagnostic
+#       stream leaves there how it ended, for the doctor's next request. prometheus_client reads
+#       its name from PROMETHEUS_MULTIPROC_DIR, which the workers inherit. Unset: a new temporary
+#       directory (private to the service under the README's systemd unit), removed on exit. Set:
+#       that directory, emptied of the last run's files (stale counts would be added in), e.g.
+#       /run/chat with RuntimeDirectory=chat in the unit. Never a directory two masters share.
+#
+#   child_exit - A worker exited or was killed: its open-streams gauge must go, or /metrics would
+#       count its streams as open for ever. (Its counters stay: totals never go down.) Only a worker
+#       that kept metrics left files to drop, so the master imports prometheus_client only then.
+#
+#   on_exit - Remove the temporary directory on_starting made.
+#
+
+
+def on_starting(server):
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    path = given or tempfile.mkdtemp(prefix="chat-")
+    os.makedirs(path, exist_ok=True)
+    for entry in os.scandir(path):
+        if entry.name.endswith(".db") or entry.name.startswith("diagnostic-"):
+            os.remove(entry.path)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    server.made_metrics_dir = None if given else path
+
+
+def child_exit(server, worker):
+    path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    if any(entry.name.endswith(f"_{worker.pid}.db") for entry in os.scandir(path)):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid, path)
+
+
+def on_exit(server):
+    if getattr(server, "made_metrics_dir", None):
+        shutil.rmtree(server.made_metrics_dir, ignore_errors=True)
