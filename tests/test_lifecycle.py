@@ -75,18 +75,23 @@ def test_heartbeats_fill_a_silence_between_tokens(fast_gunicorn, upstream):
 # --- A client that leaves costs nothing ---------------------------------------------------------
 
 
+def hang_up_and_time_the_upstream(connection, response, upstream, while_what):
+    """Hang up; return the one upstream request and the seconds until its connection was closed too."""
+    hang_up(connection, response)
+    left = time.monotonic()
+    [received] = upstream.received
+    assert received.hung_up.wait(3), "the upstream never saw its connection closed"
+    delay = received.hung_up_at - left
+    print(f"\nhang-up to upstream close, {while_what}: {delay * 1000:.0f} ms")
+    return received, delay
+
+
 def test_client_gone_while_tokens_flow_closes_the_upstream(fast_gunicorn, upstream):
     upstream.reset(tokens=[f"t{i} " for i in range(200)], delay=0.02)
     connection, response = open_chat(fast_gunicorn.url, HI)
     while FIRST_CONTENT not in response.read1(65536):
         pass
-    hang_up(connection, response)
-    left = time.monotonic()
-
-    [received] = upstream.received
-    assert received.hung_up.wait(2), "the upstream never saw its connection closed"
-    delay = received.hung_up_at - left
-    print(f"\nhang-up to upstream close, tokens flowing every 20 ms: {delay * 1000:.0f} ms")
+    received, _ = hang_up_and_time_the_upstream(connection, response, upstream, "tokens flowing every 20 ms")
     assert len(received.sent) < 100  # far from the 200 tokens nobody would read
     assert wait_for(lambda: any("end=client_gone" in line for line in stream_log_lines(fast_gunicorn)))
 
@@ -101,13 +106,7 @@ def test_client_gone_during_a_silence_closes_the_upstream_within_a_heartbeat(one
     upstream.reset(tokens=["never sent"], hold=30)
     connection, response = open_chat(one_second_heartbeat_gunicorn.url, HI)
     assert response.read1(65536).startswith(b": ok")
-    hang_up(connection, response)
-    left = time.monotonic()
-
-    [received] = upstream.received
-    assert received.hung_up.wait(3), "the upstream never saw its connection closed"
-    delay = received.hung_up_at - left
-    print(f"\nhang-up to upstream close, during a silence (heartbeat 1 s): {delay * 1000:.0f} ms")
+    received, delay = hang_up_and_time_the_upstream(connection, response, upstream, "during a silence (heartbeat 1 s)")
     assert delay < 1.5
     assert received.sent == []
 
