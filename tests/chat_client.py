@@ -15,17 +15,12 @@ class Reply:
     started: float
 
     @property
-    def events(self):
-        """The body split into events (blank-line separated), comments included."""
-        return [e for e in self.raw.decode().split("\n\n") if e]
-
-    @property
     def data(self):
-        """The `data:` payloads, parsed where they are JSON."""
+        """The `data:` payloads, parsed where they are JSON (every event of ours is one `data:` line)."""
         out = []
-        for event in self.events:
-            if event.startswith("data: "):
-                payload = event[6:]
+        for line in self.raw.decode().split("\n"):
+            if line.startswith("data: "):
+                payload = line[6:]
                 out.append(payload if payload == "[DONE]" else json.loads(payload))
         return out
 

@@ -1,6 +1,7 @@
 """Real processes listening on 127.0.0.1, and gunicorn started the way production starts it."""
 
 import http.client
+import json
 import os
 import signal
 import socket
@@ -24,6 +25,36 @@ FAST_LIFECYCLE = {  # short heartbeats and timeouts, so lifecycle tests take sec
 
 # Settings a developer's shell may hold; no server under test inherits them.
 SETTINGS = ("OPENAI_", "CHAT_", "GUNICORN_", "WEB_CONCURRENCY")
+
+
+def server_environment(env=None, upstream_url=None):
+    """This environment without the shell's settings, then the fake upstream (when given), then `env`."""
+    environment = {key: value for key, value in os.environ.items() if not key.startswith(SETTINGS)}
+    if upstream_url:
+        environment.update(OPENAI_BASE_URL=upstream_url, OPENAI_API_KEY=API_KEY)
+    return {**environment, **(env or {})}
+
+
+def wait_for(condition, timeout=5.0):
+    """Poll `condition` until it is true or `timeout` seconds passed; return its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def healthz(server):
+    """GET /healthz of a live app server, parsed: this worker's figures."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    connection.request("GET", "/healthz")
+    return json.loads(connection.getresponse().read())
+
+
+def stream_log_lines(server):
+    """The app's one log line per stream, from a live server's log."""
+    return [line for line in server.log().splitlines() if " stream " in line and " end=" in line]
 
 
 def free_port():
@@ -126,15 +157,12 @@ class Gunicorns(Servers):
         super().__init__(tmp_path_factory)
         self.upstream_url = upstream_url
 
-    def start(self, env=None, *, name="gunicorn", app="app:app", upstream=True, ready_path="/healthz"):
+    def start(self, env=None, *, name="gunicorn", app="app:create_app()", upstream=True, ready_path="/healthz"):
         """`env`: settings over an environment with none of the shell's; `upstream`: the fake upstream's
         URL and API_KEY come first (without them, the demo model answers)."""
         port = free_port()
         command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", app, "-b", f"127.0.0.1:{port}"]
         command += ["-w", "1"]
-        environment = {key: value for key, value in os.environ.items() if not key.startswith(SETTINGS)}
-        if upstream:
-            environment.update(OPENAI_BASE_URL=self.upstream_url, OPENAI_API_KEY=API_KEY)
-        environment.update(env or {})
+        environment = server_environment(env, self.upstream_url if upstream else None)
         # At the end, SIGQUIT: gunicorn's quick shutdown. Its graceful one (SIGTERM) is tested on its own.
         return self.run(name, command, port, env=environment, ready_path=ready_path, stop_signal=signal.SIGQUIT)
