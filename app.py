@@ -254,11 +254,12 @@ def refuses_stream_options(exc, config):
 def retry_after(headers):
     """Return the seconds the upstream asks us to wait: retry-after-ms, or Retry-After in seconds or as a date."""
     for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        value = headers.get(name, "")
         try:
-            return max(0.0, float(value) * scale)
+            wait = float(headers.get(name, "")) * scale
         except ValueError:
-            pass
+            continue
+        if math.isfinite(wait):
+            return max(0.0, wait)
     try:
         return max(0.0, parsedate_to_datetime(headers.get("retry-after", "")).timestamp() - time.time())
     except (TypeError, ValueError):
@@ -292,7 +293,10 @@ def refusal(exc, model):
     status, code, message = UPSTREAM_FAILURES.get(key, OTHER_FAILURE)
     if key == 400 and (CONTEXT_WORDS.search(said) or "context_length" in str(exc.body)):
         status, code, message = TOO_LONG
-    message = (message or PROXY_PREFIX.sub("", said) or "The model rejected the request.").format(model=model)[:500]
+    if message is None:  # the upstream's own words: never a format string
+        message = PROXY_PREFIX.sub("", said)[:500] or "The model rejected the request."
+    else:
+        message = message.format(model=model[:100])
     headers = {}
     if status == 429 and (wait := retry_after(exc.response.headers)) is not None:
         headers["Retry-After"] = str(math.ceil(wait))
