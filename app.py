@@ -221,7 +221,7 @@ def open_upstream(worker, config, model, messages, client):
     while True:
         try:
             with watching(client, config["CHAT_HEARTBEAT_SECONDS"]):
-                completion = worker.next_client().chat.completions.with_streaming_response.create(
+                completion = worker.next_sdk_client().chat.completions.with_streaming_response.create(
                     **body, extra_body=extra or None
                 )
                 return ModelStream(completion.__enter__())  # sends it; a 4xx/5xx raises here, before our headers
@@ -552,14 +552,14 @@ class WorkerState:
 
     def __init__(self, config):
         self.slots = StreamSlots(config["CHAT_MAX_STREAMS"])
-        self.clients = [] if uses_demo(config) else make_openai_clients(config)
+        self.sdk_clients = [] if uses_demo(config) else make_openai_clients(config)
         self.turn = 0
         self.stream_usage = config["CHAT_STREAM_USAGE"] != "off"  # auto turns it off when a server refuses it
 
-    def next_client(self):
+    def next_sdk_client(self):
         """Take the SDK clients in turn: one pool for thousands of streams would cost O(streams) per stream."""
-        self.turn = (self.turn + 1) % len(self.clients)
-        return self.clients[self.turn]
+        self.turn = (self.turn + 1) % len(self.sdk_clients)
+        return self.sdk_clients[self.turn]
 
 
 def worker_state(app):
@@ -690,6 +690,6 @@ def create_app(config=None):
     app.register_blueprint(chat)
     # Make the SDK clients now, and let the SDK import the parts it loads on first use: the first
     # request would otherwise wait ~50 ms for both.
-    for client in worker_state(app).clients[:1]:
-        client.chat.completions.with_streaming_response  # noqa: B018 (the access is the point)
+    for sdk_client in worker_state(app).sdk_clients[:1]:
+        sdk_client.chat.completions.with_streaming_response  # noqa: B018 (the access is the point)
     return app
