@@ -2,6 +2,7 @@
 
 import http.client
 import json
+import socket
 import time
 from dataclasses import dataclass
 
@@ -72,3 +73,19 @@ def post_chat(base_url, body, headers=None, timeout=30, until=None):
             break
     hang_up(connection, response)
     return Reply(response.status, dict(response.getheaders()), raw, arrivals, started)
+
+
+FLOOD = [f"{i:06d} " + "x" * 90 for i in range(30_000)]  # ~3 MB of tokens, for an upstream as fast as it can
+
+
+def stalled_client(port, body=None):
+    """POST and then never read, with a receive buffer as small as the kernel allows."""
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)  # before connect: the window stays small
+    client.connect(("127.0.0.1", port))
+    payload = json.dumps(body or {"messages": [{"role": "user", "content": "Hi"}]}).encode()
+    client.sendall(
+        b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload)
+    )
+    return client
