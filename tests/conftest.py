@@ -8,6 +8,7 @@ import http.client
 import json
 import os
 import select
+import shutil
 import socket
 import subprocess
 import sys
@@ -331,6 +332,35 @@ def demo_gunicorn(tmp_path_factory):
     server = start_gunicorn("demo", tmp_path_factory, env, inherit=False)
     yield server
     server.stop()
+
+
+# --- Node, for the JavaScript clients ---------------------------------------------------------
+
+NODE_MODULES = ROOT / "tests" / "node_modules"  # `npm ci` in tests/ puts the pinned clients there
+
+
+def skip_or_fail(reason):
+    """Skip on a developer's machine; fail in CI, which must run every test (.ci/run installs what it needs)."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}; .ci/run installs it")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def node():
+    """Return Node's path."""
+    path = shutil.which("node")
+    if path is None:
+        skip_or_fail("node is not installed (apt-get install nodejs npm)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def js_clients(node):
+    """Return Node's path, once the pinned JavaScript clients are installed."""
+    if not NODE_MODULES.is_dir():
+        skip_or_fail("the JavaScript clients are not installed (npm ci in tests/)")
+    return node
 
 
 # --- A streaming client -----------------------------------------------------------------------

@@ -1,0 +1,234 @@
+"""The SSE clients front ends use, unchanged, against a live gunicorn: each must rebuild the reply exactly.
+
+Native format: @microsoft/fetch-event-source and eventsource-parser (Node), httpx-sse (Python).
+The AI SDK's UI message stream: the Chat that useChat makes, with DefaultChatTransport (Node).
+The JavaScript clients are pinned in tests/package.json (`npm ci` in tests/); each script in
+tests/clients/ prints what its client rebuilt as JSON.
+"""
+
+import json
+import select
+import socket
+import subprocess
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+from httpx_sse import connect_sse
+
+CLIENTS = Path(__file__).with_name("clients")
+JS_SCRIPTS = {"fetch-event-source": "fetch_event_source.mjs", "eventsource-parser": "eventsource_parser.mjs"}
+NATIVE_CLIENTS = [*JS_SCRIPTS, "httpx-sse"]
+
+# Korean, emoji with a skin tone, a ZWJ sequence and a combining accent split across tokens, the
+# line separators some splitters cut at, quotes, backslashes and newlines.
+TOKENS = [
+    "안녕",
+    "하세요",
+    "! 👋🏽",
+    " 👩\u200d",
+    "💻 e",
+    "\u0301 ",
+    "\u2028a\u2029b\u0085c",
+    ' "q" \\ ',
+    "new\nline\r\n",
+    "끝.",
+]
+REASONING = ["생각", " 중… 🤔", "\n\u2028done"]
+USAGE = {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}
+HI = {"messages": [{"role": "user", "content": "Hi"}]}
+
+
+class SplitReads:
+    """A TCP proxy that passes the server's bytes on one at a time, each in its own segment.
+
+    The client then reads every multi-byte character, and every line, in pieces: what any
+    network may do to a stream, and what a client that decodes or splits per read gets wrong.
+    """
+
+    def __init__(self, port, pause=0.0005):
+        self.port, self.pause = port, pause
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # closed by stop()
+                return
+            server = socket.create_connection(("127.0.0.1", self.port))
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=self.pipe, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self.pipe, args=(server, client, True), daemon=True).start()
+
+    def pipe(self, source, target, split):
+        """Copy until either side closes, then close both (HTTP clients never half-close)."""
+        try:
+            while data := source.recv(65536):
+                if not split:
+                    target.sendall(data)
+                    continue
+                for i in range(len(data)):
+                    target.sendall(data[i : i + 1])
+                    time.sleep(self.pause)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, target):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+
+    def stop(self):
+        self.listener.close()
+
+
+@pytest.fixture(scope="module")
+def split_reads(gunicorn):
+    """The live gunicorn, behind a proxy that splits every byte of its replies into its own read."""
+    proxy = SplitReads(gunicorn.port)
+    yield proxy
+    proxy.stop()
+
+
+# --- The clients ------------------------------------------------------------------------------
+
+
+def read_with_httpx_sse(url, body, stop_after=None):
+    """httpx-sse 0.4.3 as its README shows: connect_sse, then iter_sse; a break closes the response."""
+    result = {"reply": "", "reasoning": "", "end": None, "error": None, "done": False}
+    content_events = 0
+    with httpx.Client(timeout=30) as client, connect_sse(client, "POST", url, json=body) as source:
+        if source.response.is_error:
+            source.response.read()
+            result["error"] = source.response.json()["error"]["message"]
+            return result
+        for sse in source.iter_sse():
+            if sse.data == "[DONE]":
+                result["done"] = True
+                continue
+            event = sse.json()
+            result["reply"] += event["content"]
+            result["reasoning"] += event.get("reasoning", "")
+            result["error"] = event.get("error", result["error"])
+            if "finish_reason" in event:
+                result["end"] = event
+            content_events += bool(event["content"])
+            if content_events == stop_after:
+                break
+    return result
+
+
+def run_script(node, script, config, timeout=60):
+    """Run one of tests/clients/ to its end and return what it printed."""
+    result = subprocess.run(
+        [node, str(CLIENTS / script), json.dumps(config)], capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@contextmanager
+def stopping_script(node, script, config, timeout=30):
+    """Run a client that stops its reply; yield what it printed while its process is still alive."""
+    process = subprocess.Popen(
+        [node, str(CLIENTS / script), json.dumps(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        ready, _, _ = select.select([process.stdout], [], [], timeout)
+        assert ready, f"{script} printed nothing in {timeout}s"
+        line = process.stdout.readline()
+        assert line, process.stderr.read()
+        yield json.loads(line)
+        assert process.poll() is None, "the client exited: its exit, not its abort, may have closed the stream"
+    finally:
+        process.kill()
+        process.wait()
+        process.stdout.close()
+        process.stderr.close()
+
+
+def read_native(client, node, url, body):
+    """Let `client` read a reply of the native format to its end; return what it rebuilt."""
+    if client == "httpx-sse":
+        return read_with_httpx_sse(url, body)
+    return run_script(node, JS_SCRIPTS[client], {"url": url, "body": body})
+
+
+@contextmanager
+def stopping_native(client, node, url, body):
+    """Let `client` read one content event and stop; yield what it rebuilt."""
+    if client == "httpx-sse":
+        yield read_with_httpx_sse(url, body, stop_after=1)
+    else:
+        with stopping_script(node, JS_SCRIPTS[client], {"url": url, "body": body, "stopAfter": 1}) as result:
+            yield result
+
+
+@pytest.fixture
+def node_for(request):
+    """Node for the JavaScript clients; none for httpx-sse, which runs in this process."""
+    client = request.node.callspec.params["client"]
+    return request.getfixturevalue("js_clients") if client in JS_SCRIPTS else None
+
+
+# --- The native format ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("client", NATIVE_CLIENTS)
+def test_native_client_rebuilds_the_reply_exactly(client, node_for, split_reads, upstream):
+    """Content and reasoning come out exactly as the model sent them, though every read splits a character."""
+    upstream.reset(tokens=TOKENS, reasoning=REASONING)
+    result = read_native(client, node_for, split_reads.url + "/api/chat", HI)
+
+    assert result == {
+        **result,
+        "reply": "".join(TOKENS),
+        "reasoning": "".join(REASONING),
+        "end": {"content": "", "finish_reason": "stop", "usage": USAGE},
+        "error": None,
+        "done": True,
+    }
+    assert len(upstream.received) == 1
+
+
+@pytest.mark.parametrize("client", NATIVE_CLIENTS)
+def test_native_client_gets_the_error_event(client, node_for, gunicorn, upstream):
+    """A stream that fails after it began ends with a sentence, the text so far intact, and no [DONE]."""
+    upstream.reset(tokens=TOKENS, cut_after=3)
+    result = read_native(client, node_for, gunicorn.url + "/api/chat", HI)
+
+    assert result["reply"] == "".join(TOKENS[:3])
+    assert result["error"] == "The connection to the model was lost."
+    assert result["done"] is False
+    assert len(upstream.received) == 1
+
+
+@pytest.mark.parametrize("client", NATIVE_CLIENTS)
+def test_native_client_refused_before_the_stream_asks_once(client, node_for, gunicorn, upstream):
+    """A refusal is an HTTP status the client shows in words; fetch-event-source must not send the chat again."""
+    upstream.reset(status=429, headers={"Retry-After": "60"})
+    result = read_native(client, node_for, gunicorn.url + "/api/chat", HI)
+
+    assert result["error"] == "The model is busy. Please try again shortly."
+    assert result["reply"] == ""
+    time.sleep(1.5)  # fetch-event-source's default retry would come after 1 s
+    assert len(upstream.received) == 1
+
+
+@pytest.mark.parametrize("client", NATIVE_CLIENTS)
+def test_native_client_abort_closes_the_upstream(client, node_for, gunicorn, upstream):
+    """Stopping the reply in the client hangs up on the model: no tokens are paid for after it."""
+    upstream.reset(tokens=[f"w{i} " for i in range(100)], delay=0.05)
+    with stopping_native(client, node_for, gunicorn.url + "/api/chat", HI) as result:
+        assert result["reply"].startswith("w0 ")
+        [received] = upstream.received
+        assert received.hung_up.wait(5), "the upstream was not closed after the client stopped"
+        assert len(received.sent) < 100
