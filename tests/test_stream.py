@@ -2,12 +2,9 @@
 
 import http.client
 import json
-import shutil
 import subprocess
 import threading
 from pathlib import Path
-
-import pytest
 
 from conftest import API_KEY, post_chat
 
@@ -123,13 +120,12 @@ def test_chunked_body_over_the_limit_is_413(gunicorn, upstream):
 ARTICLE_CLIENT = Path(__file__).with_name("article_client.mjs")
 
 
-@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
-def test_the_articles_browser_client_rebuilds_the_reply(gunicorn, upstream):
+def test_the_articles_browser_client_rebuilds_the_reply(node, gunicorn, upstream):
     """The article's own fetch + ReadableStream reader, run unchanged in Node, gets the exact text."""
     tokens = ["Stream", "ing ", "응답", " with\nnew", "lines ", 'and "quotes"', "."]
     upstream.reset(tokens=tokens, delay=0.01)
     result = subprocess.run(
-        ["node", str(ARTICLE_CLIENT), gunicorn.url + "/api/chat"], capture_output=True, text=True, timeout=30
+        [node, str(ARTICLE_CLIENT), gunicorn.url + "/api/chat"], capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == "".join(tokens)
