@@ -278,7 +278,7 @@ def test_the_parser_survives_any_split_of_the_stream(page, gunicorn):
     stream = (
         ": ok\r\n\r\n"
         'data: {"content": "응답"}\r\n\r\n'
-        ": ping\n\n"
+        ": ping\n"
         'data: {"content": "a\\nb"}\n\n'
         "data: [DONE]\n\n"
         "data: never ended"
