@@ -24,11 +24,10 @@ const replyText = () =>
     .join('');
 
 for (const turn of turns) {
-  const sent = chat.sendMessage(turn);
+  let settled = false;
+  const sent = chat.sendMessage(turn).finally(() => (settled = true));
   if (stopAfter) {
-    while (replyText().length < stopAfter && chat.status !== 'ready' && chat.status !== 'error') {
-      await new Promise((resolve) => setTimeout(resolve, 5));
-    }
+    while (replyText().length < stopAfter && !settled) await new Promise((resolve) => setTimeout(resolve, 5));
     await chat.stop();
   }
   await sent;
