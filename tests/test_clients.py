@@ -7,6 +7,7 @@ tests/clients/ prints what its client rebuilt as JSON.
 """
 
 import json
+import re
 import select
 import socket
 import subprocess
@@ -18,6 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 from httpx_sse import connect_sse
+
+from conftest import ROOT
 
 CLIENTS = Path(__file__).with_name("clients")
 JS_SCRIPTS = {"fetch-event-source": "fetch_event_source.mjs", "eventsource-parser": "eventsource_parser.mjs"}
@@ -337,3 +340,48 @@ def test_ai_sdk_chat_stop_closes_the_upstream(js_clients, gunicorn, upstream):
         [received] = upstream.received
         assert received.hung_up.wait(5), "the upstream was not closed after the chat stopped"
         assert len(received.sent) < 100
+
+
+# --- The README's snippets, as written ---------------------------------------------------------
+
+
+def readme_snippet(containing):
+    """Return the README's JavaScript block that contains `containing`."""
+    blocks = re.findall(r"```js\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    [block] = [block for block in blocks if containing in block]
+    return block
+
+
+def run_snippet(node, code, url):
+    """Run a README snippet against `url` as an ES module; return the `reply` it rebuilt."""
+    program = code.replace("'/api/chat'", json.dumps(url)) + "\nprocess.stdout.write(JSON.stringify(reply));\n"
+    # cwd: Node resolves the snippet's imports from tests/node_modules, as for the scripts beside it
+    result = subprocess.run(
+        [node, "--input-type=module", "-e", program], cwd=CLIENTS, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_the_readmes_fetch_snippet_with_the_pages_read_events(js_clients, split_reads, upstream):
+    """The README's plain-fetch snippet, with readEvents() copied from static/chat.js as it says."""
+    page = (ROOT / "static" / "chat.js").read_text()
+    read_events = re.search(r"^async function\* readEvents\(body\) \{\n.*?^\}\n", page, re.M | re.S)
+    assert read_events, "static/chat.js has no readEvents(body)"
+    upstream.reset(tokens=TOKENS, reasoning=REASONING)
+    snippet = read_events.group(0) + readme_snippet("readEvents(response.body)")
+
+    assert run_snippet(js_clients, snippet, split_reads.url + "/api/chat") == "".join(TOKENS)
+
+
+def test_the_readmes_fetch_event_source_snippet(js_clients, split_reads, upstream):
+    """The README's fetch-event-source snippet as written, after the plain-fetch one's first two lines.
+
+    Node has no window or document, which fetchEventSource calls whatever its options: two stand-ins.
+    """
+    upstream.reset(tokens=TOKENS, reasoning=REASONING)
+    prelude = "globalThis.window = globalThis;\nglobalThis.document = new EventTarget();\n"
+    prelude += "const controller = new AbortController();\nlet reply = '';\n"
+    snippet = prelude + readme_snippet("fetchEventSource(")
+
+    assert run_snippet(js_clients, snippet, split_reads.url + "/api/chat") == "".join(TOKENS)
