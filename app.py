@@ -2,7 +2,8 @@
 
 One Flask module: ``POST /api/chat`` takes ``{"messages": [...]}`` and answers with
 ``text/event-stream``, one ``data: {"content": ...}`` event per token and ``data: [DONE]``
-at the end. The upstream is any OpenAI-compatible server, reached with the official
+at the end; ``POST /api/ui-chat`` is the same chat in the Vercel AI SDK's protocol, for its
+``useChat``. The upstream is any OpenAI-compatible server, reached with the official
 ``openai`` SDK; with neither ``OPENAI_API_KEY`` nor ``OPENAI_BASE_URL`` set, a built-in
 demo model answers, so everything runs offline.
 
