@@ -20,7 +20,7 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 
-from conftest import ROOT
+from live_servers import ROOT
 
 CLIENTS = Path(__file__).with_name("clients")
 JS_SCRIPTS = {"fetch-event-source": "fetch_event_source.mjs", "eventsource-parser": "eventsource_parser.mjs"}

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import API_KEY, post_chat, start_gunicorn
+from chat_client import post_chat
 
 UI = "/api/ui-chat"
 USAGE = {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}
@@ -215,12 +215,9 @@ def test_wrong_method_is_a_405_sentence(gunicorn):
     assert reply.raw.decode() == "Use POST."
 
 
-@pytest.fixture(scope="module")
-def token_gunicorn(fake_upstream_server, tmp_path_factory):
-    env = {"OPENAI_BASE_URL": fake_upstream_server.url, "OPENAI_API_KEY": API_KEY, "CHAT_API_TOKEN": "let-me-in"}
-    server = start_gunicorn("token", tmp_path_factory, env)
-    yield server
-    server.stop()
+@pytest.fixture
+def token_gunicorn(start_gunicorn):
+    return start_gunicorn({"CHAT_API_TOKEN": "let-me-in"}, name="token")
 
 
 def test_a_missing_token_is_a_401_sentence(token_gunicorn, upstream):
