@@ -59,7 +59,7 @@ DEFAULTS = {
     "CHAT_SEND_TIMEOUT": 30.0,  # seconds a client may take no bytes before its stream is ended
     "CHAT_MAX_BODY_BYTES": 1_048_576,  # larger request bodies get 413 (nginx.conf says the same)
     "CHAT_MAX_MESSAGES": 200,  # longer conversations get 400
-    "CHAT_UPSTREAM_RETRIES": 1,  # the SDK's retries of a refused or failed request, before the first byte only
+    "CHAT_UPSTREAM_RETRIES": 1,  # a refused request is sent again this often, before the first byte; never a timeout
     "CHAT_RETRY_MAX_WAIT": 5.0,  # a 429 asking to wait longer than this goes back to the client at once
     "CHAT_CONNECT_TIMEOUT": 5.0,  # seconds to open a connection to the upstream
     "CHAT_MAX_STREAMS": 900,  # open streams per worker; past it 503. Keep below gunicorn's worker_connections
@@ -239,7 +239,7 @@ def open_upstream(worker, config, model, messages, client):
     while True:
         try:
             with watching(client, config["CHAT_HEARTBEAT_SECONDS"]):
-                completion = worker.next_client().chat.completions.with_streaming_response.create(
+                completion = worker.next_sdk_client().chat.completions.with_streaming_response.create(
                     **body, extra_body=extra or None
                 )
                 return ModelStream(completion.__enter__())  # sends it; a 4xx/5xx raises here, before our headers
@@ -699,14 +699,14 @@ class WorkerState:
 
     def __init__(self, config):
         self.slots = StreamSlots(config["CHAT_MAX_STREAMS"])
-        self.clients = [] if uses_demo(config) else make_openai_clients(config)
+        self.sdk_clients = [] if uses_demo(config) else make_openai_clients(config)
         self.turn = 0
         self.stream_usage = config["CHAT_STREAM_USAGE"] != "off"  # auto turns it off when a server refuses it
 
-    def next_client(self):
+    def next_sdk_client(self):
         """Take the SDK clients in turn: one pool for thousands of streams would cost O(streams) per stream."""
-        self.turn = (self.turn + 1) % len(self.clients)
-        return self.clients[self.turn]
+        self.turn = (self.turn + 1) % len(self.sdk_clients)
+        return self.sdk_clients[self.turn]
 
 
 def worker_state(app):
@@ -844,6 +844,6 @@ def create_app(config=None):
     app.register_blueprint(chat)
     # Make the SDK clients now, and let the SDK import the parts it loads on first use: the first
     # request would otherwise wait ~50 ms for both.
-    for client in worker_state(app).clients[:1]:
-        client.chat.completions.with_streaming_response  # noqa: B018 (the access is the point)
+    for sdk_client in worker_state(app).sdk_clients[:1]:
+        sdk_client.chat.completions.with_streaming_response  # noqa: B018 (the access is the point)
     return app
