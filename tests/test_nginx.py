@@ -57,9 +57,10 @@ def nginx(start_nginx, gunicorn, fake_upstream_server):
     return server
 
 
+SSE_LOCATION = "location ~ ^/api/(ui-)?chat$ {"
 UNHELPED = [  # gzip for text/event-stream in the http block, and the app's X-Accel-Buffering ignored
     with_directive("gzip_types text/css", "gzip_types text/event-stream text/css"),
-    with_directive("location = /api/chat {", "location = /api/chat {\n proxy_ignore_headers X-Accel-Buffering;"),
+    with_directive(SSE_LOCATION, SSE_LOCATION + "\n proxy_ignore_headers X-Accel-Buffering;"),
 ]
 
 
@@ -164,6 +165,18 @@ def test_stream_is_neither_gzipped_nor_delayed(proxy, request, upstream):
     assert "Content-Encoding" not in reply.headers
     assert reply.data[-1] == "[DONE]"
     assert reply.first_time() < 0.3
+
+
+def test_the_ai_sdk_stream_takes_the_stream_location(nginx_unhelped, upstream):
+    """/api/ui-chat is a stream too: anywhere but the SSE location it would be gzipped, or held back."""
+    upstream.reset(tokens=[f"t{i} " for i in range(10)], delay=0.05)
+    body = {"messages": [{"id": "m1", "role": "user", "parts": [{"type": "text", "text": "Hi"}]}]}
+    reply = post_chat(nginx_unhelped.url, body, headers={"Accept-Encoding": "gzip"}, path="/api/ui-chat")
+
+    assert reply.status == 200
+    assert "Content-Encoding" not in reply.headers
+    assert reply.data[-1] == "[DONE]"
+    assert reply.first_time(b'"type": "text-delta"') < 0.3
 
 
 def test_unbuffered_stream_stays_live_even_when_gzipped(nginx_gzipping, upstream):
