@@ -697,8 +697,8 @@ def test_the_parser_reads_every_line_ending_and_any_split_of_the_stream(chat_pag
         'data: {"content": "응답"}\r\n\r\n'
         ": ping\r"
         'data: {"content": "cr"}\r\r'
-        "data: line one\r"
-        "data: line two\r\n\n"
+        "data: line one\r\n"  # a \r\n split between two reads is one line end, not two
+        "data: line two\r\n\r\n"
         ": ping\r\n"
         'data: {"content": "a\\nb"}\n\n'
         "data:[DONE]\n\n"
@@ -977,6 +977,20 @@ def test_token_to_screen_of_a_long_markdown_reply(chat_page, upstream):
     to_dom = [entry["dom"] - at for entry, at in zip(seen, sent, strict=True)]
     to_screen = [entry["painted"] - at for entry, at in zip(seen, sent, strict=True)]
     size = len("".join(tokens))
+    # The page's own work per frame at the end of the reply, where it is largest: lex the whole reply,
+    # rebuild what changed. (renderMarkdown and turns are the page script's globals.)
+    render = chat_page.evaluate(
+        """() => {
+            const source = turns.at(-1).answer;
+            const view = { text: document.createElement("div"), blocks: [], links: "{}" };
+            let started = performance.now();
+            renderMarkdown(view, source);
+            const whole = performance.now() - started;
+            started = performance.now();
+            for (let i = 0; i < 50; i++) renderMarkdown(view, source + ` more${i}`);
+            return { whole, grown: (performance.now() - started) / 50 };
+        }"""
+    )
     report = (
         f"Markdown reply of {len(tokens)} tokens ({size:,} characters: headings, lists, code blocks, tables), "
         f"one token every 4 ms, upstream -> gunicorn -> Chromium on 127.0.0.1, rendered once per frame.\n"
@@ -984,6 +998,8 @@ def test_token_to_screen_of_a_long_markdown_reply(chat_page, upstream):
         f"token -> screen: median {statistics.median(to_screen):.1f} ms, max {max(to_screen):.1f} ms, "
         f"95th percentile {statistics.quantiles(to_screen, n=20)[-1]:.1f} ms "
         f"(until the frame that shows it has painted)\n"
+        f"one render at the end: {render['grown']:.2f} ms when a token is added (lex the whole reply, "
+        f"rebuild its last block), {render['whole']:.1f} ms from scratch\n"
         f"long tasks (over 50 ms) in the page: {len(long_tasks)}"
         + (f", longest {max(long_tasks):.0f} ms" if long_tasks else "")
     )
