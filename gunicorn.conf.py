@@ -1,4 +1,4 @@
-"""gunicorn settings for long-lived SSE streams: `gunicorn -c gunicorn.conf.py app:app`.
+"""gunicorn settings for long-lived SSE streams: `gunicorn -c gunicorn.conf.py 'app:create_app()'`.
 
 Every setting can be overridden from the environment (names below) or the command line
 (`-b 0.0.0.0:8000`, `-w 4`); GUNICORN_CMD_ARGS works too. Do not import the app here: gevent

@@ -244,7 +244,7 @@ def subject_command(name, port):
         command = [str(PEERS_PY), "-m", "uvicorn", "fastapi_app:app", "--app-dir", str(BENCH / "peers")]
         return command + ["--host", "127.0.0.1", "--port", str(port)], ROOT, {}
     if name == "flask":
-        command = [str(APP_PY), "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app", "-w", "1"]
+        command = [str(APP_PY), "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:create_app()", "-w", "1"]
         return command + ["-b", f"127.0.0.1:{port}"], ROOT, {}
     raise ValueError(name)
 

@@ -44,6 +44,11 @@ class Script:
     error_after: int | None = None  # send an in-stream error chunk after this many tokens
     finish_reason: str = "stop"
     usage: dict = field(default_factory=lambda: {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14})
+    reasoning: list = field(default_factory=list)  # thinking deltas, sent before the tokens
+    reasoning_field: str = "reasoning_content"  # or "reasoning" (vLLM, Ollama)
+    hold_open: float = 0.0  # seconds the body stays open after [DONE], before its last chunk
+    huge_line: int = 0  # after the first token, this many bytes of one line that never ends
+    content_length: bool = False  # the whole body at the end, with a Content-Length instead of chunks
 
 
 @dataclass
@@ -102,13 +107,20 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
     def send_stream(self, script, received):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        self.wfile.flush()
+        self.body = [] if script.content_length else None  # send_chunk keeps what it is given, for the end
+        if self.body is None:
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.flush()
         model = received.body.get("model", "x")
         base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": model}
         self.wait(script.hold)
         self.send_event({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
+        for thought in script.reasoning:
+            self.wait(script.delay)
+            delta = {script.reasoning_field: thought}
+            self.send_event({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+            received.sent.append(time.monotonic())
         tokens = script.tokens
         if tokens is None:  # echo the last message word by word, so concurrent replies differ
             tokens = [word + " " for word in received.body["messages"][-1]["content"].split()]
@@ -124,10 +136,14 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
             self.wait(script.stall if i == script.stall_at else script.delay)
             self.send_event({**base, "choices": [{"index": 0, "delta": {"content": token}, "finish_reason": None}]})
             received.sent.append(time.monotonic())
+            if i == 0 and script.huge_line:
+                for _ in range(0, script.huge_line, 65536):
+                    self.send_chunk(b"data: " + b"x" * 65536)
         self.send_event({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": script.finish_reason}]})
         if (received.body.get("stream_options") or {}).get("include_usage"):
             self.send_event({**base, "choices": [], "usage": script.usage})
         self.send_chunk(b"data: [DONE]\n\n")
+        self.wait(script.hold_open)
         self.end_chunks()
 
     def wait(self, seconds):
@@ -152,6 +168,9 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
         self.send_chunk(b"data: " + json.dumps(payload).encode() + b"\n\n")
 
     def send_chunk(self, data):
+        if self.body is not None:
+            self.body.append(data)
+            return
         try:
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
             self.wfile.flush()
@@ -159,6 +178,11 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
             raise ClientGone from None
 
     def end_chunks(self):
+        if self.body is not None:
+            self.send_header("Content-Length", str(sum(map(len, self.body))))
+            self.end_headers()
+            self.wfile.write(b"".join(self.body))
+            return
         try:
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
@@ -286,7 +310,7 @@ def start_gunicorn(name, tmp_path_factory, env, extra_args=(), inherit=True):
         "gunicorn",
         "-c",
         "gunicorn.conf.py",
-        "app:app",
+        "app:create_app()",
         "-b",
         f"127.0.0.1:{port}",
         "-w",
@@ -345,17 +369,12 @@ class Reply:
     started: float
 
     @property
-    def events(self):
-        """The body split into events (blank-line separated), comments included."""
-        return [e for e in self.raw.decode().split("\n\n") if e]
-
-    @property
     def data(self):
-        """The `data:` payloads, parsed where they are JSON."""
+        """The `data:` payloads, parsed where they are JSON (every event of ours is one `data:` line)."""
         out = []
-        for event in self.events:
-            if event.startswith("data: "):
-                payload = event[6:]
+        for line in self.raw.decode().split("\n"):
+            if line.startswith("data: "):
+                payload = line[6:]
                 out.append(payload if payload == "[DONE]" else json.loads(payload))
         return out
 

@@ -284,7 +284,7 @@ def test_heartbeats_keep_a_silent_stream_alive_past_proxy_read_timeout(nginx_sho
 
     assert reply is not None, "nginx cut the stream:\n" + nginx_short_timeout.log()
     assert reply.status == 200
-    assert b": ping\n\n" in reply.raw
+    assert b": ping\n" in reply.raw
     assert reply.text == "Hello"
     assert reply.data[-1] == "[DONE]"
 

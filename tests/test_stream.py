@@ -23,7 +23,7 @@ def test_exact_bytes_on_the_wire(gunicorn, upstream):
     assert reply.headers["Cache-Control"] == "no-cache"
     assert reply.headers["X-Accel-Buffering"] == "no"
     assert reply.raw == (
-        b": ok\n\n"
+        b": ok\n"
         b'data: {"content": "Hel"}\n\n'
         b'data: {"content": "lo"}\n\n'
         b'data: {"content": ", w\xc3\xb6rld\\n"}\n\n'

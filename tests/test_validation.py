@@ -134,7 +134,7 @@ CASES = [
         json.dumps({"messages": [{"role": "user", "content": "Hi"}] * 201}).encode(),
         "application/json",
         400,
-        "invalid_request",
+        "too_many_messages",
         "more than 200",
     ),
     (

@@ -1,0 +1,357 @@
+"""The model's side of a stream: the SDK's clients, and the reply read straight from their socket.
+
+The openai SDK makes the request (auth, base URL, retries, typed errors before the first byte);
+ModelStream then reads the reply's bytes itself, with a timeout per read, so that app.py's relay can
+send heartbeats and keep deadlines in the stream's one greenlet. DemoStream answers the same way
+with no model at all. Both offer what the relay needs: read(timeout) returns the (kind, text)
+deltas that arrived within `timeout` seconds ([] if none did); `finished` once the reply is
+complete, then `finish_reason` and `usage`; `reader`, for the log; and close().
+"""
+
+import json
+import re
+import socket
+import time
+
+import httpcore2  # the SDK's HTTP engine, under httpx2: its network-backend interface hands us the socket
+import httpx2
+import openai
+
+
+class UpstreamError(Exception):
+    """The upstream failed after the stream began; `code` goes on the wire, the message to the user."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
+class StreamTimeout(UpstreamError):
+    """The upstream was too slow; the stream ends with this error and a closed upstream."""
+
+
+# The kernel's buffers for each side of a stream (it doubles the figure). Left to autotuning they grow to
+# megabytes, which a client that stops reading would keep filling from the model: the relay waits instead.
+SOCKET_BUFFER = 64 * 1024
+
+
+MAX_LINE_BYTES = 256 * 1024  # an upstream SSE line longer than this is not a chat chunk: end the stream
+
+
+class ModelStream:
+    """Read the chat completion's SSE body ourselves: the SDK made the request, we parse the bytes.
+
+    The fast path reads the body straight from the connection's socket (see HeadFirstStream) and
+    undoes the chunked framing itself: one read and one pass per network read, with a timeout, so
+    the relay can send heartbeats and keep deadlines in the same greenlet. A body it cannot read
+    that way (a Content-Encoding, a Content-Length, a proxy, HTTP/2) goes through httpx's iterator
+    instead: correct, but with no heartbeats during a silence. TLS needs no exception: an SSL socket's
+    recv() returns what it has already decrypted before it waits.
+    """
+
+    def __init__(self, response):
+        self.response = response  # an openai APIResponse, opened with with_streaming_response
+        http = response.http_response
+        stream = http.extensions.get("network_stream")
+        plain = http.headers.get("content-encoding", "identity") == "identity"
+        chunked = http.headers.get("transfer-encoding", "").lower() == "chunked"
+        if isinstance(stream, HeadFirstStream) and stream.at_body and plain and chunked:
+            self.socket, self.reader, self.body = stream, "socket", None
+        else:
+            self.socket, self.reader = None, "httpx"
+            self.body = http.iter_raw() if plain else http.iter_bytes()
+        self.framing = bytearray()  # chunked framing not yet undone
+        self.chunk_left = 0  # bytes of the current chunk still to come, its closing CRLF included
+        self.body_ended = False  # the last chunk has come: the connection can serve the next request
+        self.line, self.line_size = [], 0  # the SSE line read so far, in pieces
+        self.finished, self.finish_reason, self.usage, self.failure = False, None, None, None
+
+    def read(self, timeout):
+        if self.failure:
+            raise self.failure
+        if self.socket is None:
+            data = self.read_plain()
+        else:
+            try:
+                data = self.unchunk(self.socket.read(65536, max(timeout, 0.001)))
+            except httpcore2.ReadTimeout:
+                return []  # nothing yet: time for a heartbeat, or a deadline
+            except httpcore2.NetworkError:
+                raise UpstreamError("The connection to the model was lost.", "upstream_cut") from None
+        deltas = self.parse(data)
+        if self.body_ended and not self.finished and not self.failure:  # the body ended without [DONE]
+            if self.finish_reason is None:
+                self.failure = UpstreamError("The reply was cut off.", "upstream_incomplete")
+            self.finished = self.finish_reason is not None
+        return deltas
+
+    def read_plain(self):
+        try:
+            data = next(self.body, None)
+        except httpx2.TimeoutException:
+            raise StreamTimeout("The model stopped answering.", "idle_timeout") from None
+        except httpx2.TransportError:
+            raise UpstreamError("The connection to the model was lost.", "upstream_cut") from None
+        if data is None:
+            self.body_ended = True
+        return data or b""
+
+    def unchunk(self, data):
+        """Undo HTTP/1.1 chunked framing (RFC 9112, 7.1): return the body bytes in `data`, or the end."""
+        if not data:
+            raise UpstreamError("The connection to the model was lost.", "upstream_cut")
+        framing, out, i = self.framing, [], 0
+        framing += data
+        while i < len(framing) and not self.body_ended:
+            if self.chunk_left:
+                taken = min(self.chunk_left, len(framing) - i)
+                body = min(taken, self.chunk_left - 2)  # the chunk's closing CRLF is not body
+                if body > 0:
+                    out.append(bytes(framing[i : i + body]))
+                i, self.chunk_left = i + taken, self.chunk_left - taken
+                continue
+            end = framing.find(b"\r\n", i)
+            if end < 0:
+                break  # the size line is not all here yet
+            try:
+                size = int(framing[i:end].split(b";")[0], 16)  # ";..." would be a chunk extension
+            except ValueError:
+                raise UpstreamError("The model sent a malformed reply.", "upstream_malformed") from None
+            if size == 0:  # the last chunk: trailers (none, in practice) end with a blank line
+                self.body_ended = framing.find(b"\r\n\r\n", end) >= 0
+                break
+            i, self.chunk_left = end + 2, size + 2
+        if not self.body_ended:
+            del framing[:i]  # what is left is the start of a size line
+            if len(framing) > 1024:
+                raise UpstreamError("The model sent a malformed reply.", "upstream_malformed")
+        return b"".join(out)
+
+    def parse(self, data):
+        """Return the deltas in the complete SSE lines of `data`; keep an unfinished last line for later."""
+        if b"\n" not in data:
+            self.line.append(data)
+            self.line_size += len(data)
+            if self.line_size > MAX_LINE_BYTES:
+                raise UpstreamError("The model sent a line too long to be a reply.", "upstream_malformed")
+            return []
+        lines = (b"".join(self.line) + data).split(b"\n")
+        last = lines.pop()
+        self.line, self.line_size = [last], len(last)
+        deltas = []
+        for line in lines:
+            if line.startswith(b"data:"):  # blank lines end events; ":" lines are comments
+                try:
+                    self.parse_data(line[5:].strip(), deltas)
+                except UpstreamError as exc:  # the deltas before it still go out; the next read raises it
+                    self.failure = exc
+                    break
+        return deltas
+
+    def parse_data(self, payload, deltas):
+        """Add the deltas of one chat.completion.chunk to `deltas`; anything of the wrong type is ignored."""
+        if payload == b"[DONE]":
+            self.finished = True
+            return
+        try:
+            chunk = json.loads(payload)
+        except ValueError:
+            raise UpstreamError("The model sent a malformed reply.", "upstream_malformed") from None
+        if not isinstance(chunk, dict):
+            return
+        if chunk.get("error"):
+            raise UpstreamError("The model stopped with an error.", "upstream_error")
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        for choice in chunk.get("choices") or ():  # the usage chunk has no choices
+            if not isinstance(choice, dict):
+                continue
+            self.finish_reason = choice.get("finish_reason") or self.finish_reason
+            delta = choice.get("delta")
+            if not isinstance(delta, dict):
+                continue
+            # Thinking: llama.cpp, DeepSeek, SGLang and LM Studio say reasoning_content; vLLM, Ollama say reasoning.
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            if reasoning and isinstance(reasoning, str):
+                deltas.append(("reasoning", reasoning))
+            content = delta.get("content")
+            if content and isinstance(content, str):
+                deltas.append(("content", content))
+
+    def close(self):
+        """Close the reply; keep the connection for the next request only if its body has already ended."""
+        if self.socket is not None and self.finished and not self.body_ended:
+            try:  # the last chunk normally follows [DONE] at once
+                self.unchunk(self.socket.read(65536, 0.001))
+            except (httpcore2.ReadTimeout, httpcore2.NetworkError, UpstreamError):
+                pass
+        if self.socket is not None and self.body_ended:
+            self.socket.pending = b"0\r\n\r\n"  # httpx reads the end of the body, and pools the connection
+            try:
+                self.response.http_response.read()
+            except httpx2.HTTPError:
+                pass
+        self.response.close()
+
+
+class HeadFirstStream(httpcore2.NetworkStream):
+    """A connection to the upstream that gives httpcore the response's head and nothing after it.
+
+    httpcore reads 64 KB at a time, so the first body bytes would sit in its buffer after the head;
+    stopping each head read at its blank line leaves the whole body on the socket for the relay
+    (`at_body`). Everything else passes through. A head not ended by CRLF CRLF, or an informational
+    (1xx) head, keeps `at_body` false: the relay then reads through httpx.
+    """
+
+    def __init__(self, stream):
+        self.stream, self.pending, self.head, self.at_body = stream, b"", b"", False
+
+    def write(self, buffer, timeout=None):
+        self.head, self.at_body = b"", False  # a request: its response's head comes next
+        self.stream.write(buffer, timeout)
+
+    def read(self, max_bytes, timeout=None):
+        if self.pending:
+            data, self.pending = self.pending, b""
+        else:
+            data = self.stream.read(max_bytes, timeout)
+        if self.at_body or self.head is None:
+            return data
+        head = self.head + data
+        end = head.find(b"\r\n\r\n")
+        if end < 0:
+            self.head = head if len(head) < 65536 else None  # None: no head we can find; just pass through
+            return data
+        cut = end + 4 - len(self.head)
+        self.pending, self.head = data[cut:], b""
+        self.at_body = not head.startswith(b"HTTP/1.1 1")
+        return data[:cut]
+
+    def close(self):
+        self.stream.close()
+
+    def start_tls(self, ssl_context, server_hostname=None, timeout=None):
+        return HeadFirstStream(self.stream.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info):
+        return self.stream.get_extra_info(info)
+
+
+class HeadFirstBackend(httpcore2.NetworkBackend):
+    """httpcore's own sockets, wrapped in HeadFirstStream."""
+
+    def __init__(self):
+        self.backend = httpcore2.SyncBackend()
+
+    def connect_tcp(self, *args, **kwargs):
+        return HeadFirstStream(self.backend.connect_tcp(*args, **kwargs))
+
+    def connect_unix_socket(self, *args, **kwargs):
+        return HeadFirstStream(self.backend.connect_unix_socket(*args, **kwargs))
+
+    def sleep(self, seconds):
+        self.backend.sleep(seconds)
+
+
+def relay_transport(tls):
+    """Return httpx's transport for the SDK, its connections made by HeadFirstBackend.
+
+    httpx2's HTTPTransport takes no network backend, so its connection pool is replaced by an
+    identical one that has ours: the one private attribute this module touches (httpx2 and
+    httpcore2 are pinned exactly; tests/test_stream.py fails if the fast path is not taken).
+    """
+    transport = httpx2.HTTPTransport(verify=tls)
+    transport._pool = httpcore2.ConnectionPool(
+        ssl_context=tls,
+        max_connections=None,
+        max_keepalive_connections=16,
+        keepalive_expiry=5.0,  # httpx's default
+        socket_options=[(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)],
+        network_backend=HeadFirstBackend(),
+    )
+    return transport
+
+
+class DemoStream:
+    """A stand-in model: a fixed reply, word by word, so the service runs with no key and no network."""
+
+    reader = "demo"
+
+    def __init__(self, messages, seconds_per_word):
+        said = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        said = " ".join(said.split())[:200]
+        reply = (
+            "Hello! I am the built-in demo model, streaming this reply word by word over "
+            f'Server-Sent Events. You said: "{said}". Set OPENAI_API_KEY, or OPENAI_BASE_URL '
+            "for a local server such as Ollama or vLLM, to talk to a real model."
+        )
+        self.words = re.findall(r"\S+\s*", reply)
+        self.prompt_words = sum(len(m["content"].split()) for m in messages)
+        self.seconds_per_word = seconds_per_word
+        self.next_word_at = time.monotonic() + seconds_per_word
+        self.finished, self.finish_reason, self.usage = False, None, None
+        self.said = 0
+
+    def read(self, timeout):
+        wait = self.next_word_at - time.monotonic()
+        if wait > timeout:
+            time.sleep(max(timeout, 0))
+            return []
+        time.sleep(max(wait, 0))
+        self.next_word_at += self.seconds_per_word
+        word, self.said = self.words[self.said], self.said + 1
+        if self.said == len(self.words):
+            self.finished, self.finish_reason = True, "stop"
+            self.usage = {
+                "prompt_tokens": self.prompt_words,
+                "completion_tokens": len(self.words),
+                "total_tokens": self.prompt_words + len(self.words),
+            }
+        return [("content", word)]
+
+    def close(self):
+        pass
+
+
+POOL_STREAMS = 64  # streams per SDK client: httpx's pool scans all its connections as each request starts and ends
+
+
+def make_openai_clients(config):
+    """Make one SDK client per POOL_STREAMS of CHAT_MAX_STREAMS, sharing one TLS context (~30 ms to build).
+
+    They need no connection limit of their own: CHAT_MAX_STREAMS bounds them all.
+    """
+    tls = httpx2.create_ssl_context()  # what httpx builds by default: the system's trust store
+    timeout = httpx2.Timeout(config["CHAT_FIRST_TOKEN_TIMEOUT"], connect=config["CHAT_CONNECT_TIMEOUT"])
+    return [
+        openai.OpenAI(
+            # A local server (Ollama, vLLM, llama.cpp) needs no key, but the SDK insists on one.
+            api_key=config["OPENAI_API_KEY"] or "unused",
+            base_url=config["OPENAI_BASE_URL"] or None,
+            max_retries=config["CHAT_UPSTREAM_RETRIES"],
+            http_client=openai.DefaultHttpxClient(
+                transport=relay_transport(tls),
+                timeout=timeout,
+                event_hooks={"response": [refuse_long_retry_waits(config["CHAT_RETRY_MAX_WAIT"])]},
+            ),
+        )
+        for _ in range(-(-config["CHAT_MAX_STREAMS"] // POOL_STREAMS))
+    ]
+
+
+def refuse_long_retry_waits(max_wait):
+    """Make the SDK skip a retry the upstream wants us to wait long for: the user would see nothing meanwhile.
+
+    The SDK honours Retry-After up to two minutes per retry; `x-should-retry: false` is its
+    documented way to say no.
+    """
+
+    def hook(response):
+        try:
+            wait = float(response.headers.get("retry-after", 0))
+        except ValueError:
+            return
+        if wait > max_wait:
+            response.headers["x-should-retry"] = "false"
+
+    return hook
