@@ -265,14 +265,14 @@ function offerWayOut(turn, outcome) {
 
 /** Show buttons under a reply: [label, action] pairs. */
 function offer(turn, choices) {
-  turn.view.actions.replaceChildren(
+  followTheEnd(() => turn.view.actions.replaceChildren(
     ...choices.map(([label, action]) => {
       const button = element("button", [label]);
       button.type = "button";
       button.addEventListener("click", action);
       return button;
     }),
-  );
+  ));
 }
 
 /** Send the newest turn's question again, in place of its failed or stopped reply. */
@@ -290,7 +290,7 @@ function dropOldestTurns() {
   discardLatest();
   for (const turn of turns.splice(0, Math.ceil(turns.length / 2))) removeTurnView(turn);
   if (!conversation.querySelector(".dropped")) {
-    const note = element("li", ["The oldest turns were dropped; the model no longer sees them."]);
+    const note = element("p", ["The oldest turns were dropped; the model no longer sees them."]);
     note.className = "dropped";
     conversation.prepend(note);
   }
@@ -367,7 +367,7 @@ async function loadModels() {
 
 /** Add a turn to the page: the question, and an empty reply with room for thinking, a note and buttons. */
 function showTurn(turn) {
-  const user = element("li", [speaker("You: "), element("p", [turn.question])]);
+  const user = element("div", [speaker("You: "), element("p", [turn.question])]);
   user.className = "message user";
   user.lastChild.className = "text"; // the question as typed, never markdown
   const summary = element("summary", ["Thinking…"]);
@@ -381,7 +381,7 @@ function showTurn(turn) {
   note.className = "note";
   const actions = element("p");
   actions.className = "actions";
-  const item = element("li", [speaker("Assistant: "), thinking, text, note, actions]);
+  const item = element("div", [speaker("Assistant: "), thinking, text, note, actions]);
   item.className = "message assistant";
   item.dataset.state = turn.state;
   turn.view = { user, item, thinking, summary, reasoning, text, note, actions, blocks: [], links: "{}" };

@@ -857,13 +857,13 @@ def test_every_text_and_control_passes_axe_in_both_colour_schemes(axe_page, guni
     expect(page.get_by_role("button", name="Retry")).to_be_visible()
     violations = run_axe(page)  # a complete reply, folded thinking, an error with Retry
     ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=ARTIFACTS / f"chat-{scheme}.png", full_page=True)
+    page.screenshot(path=ARTIFACTS / f"chat-{scheme}.png")  # the window, as a person sees it
 
     upstream.reset(reasoning=[f"thought {i}. " for i in range(30)], tokens=["never"], delay=0.2)
     say(page, "Think hard")
     expect(thinking(page).locator("p")).to_contain_text("thought 1.")
     violations += run_axe(page)  # streaming: Stop, the open thinking, the caret
-    page.screenshot(path=ARTIFACTS / f"chat-{scheme}-thinking.png", full_page=True)
+    page.screenshot(path=ARTIFACTS / f"chat-{scheme}-thinking.png")
     page.keyboard.press("Escape")
 
     assert violations == []
