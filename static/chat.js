@@ -265,14 +265,13 @@ function offerWayOut(turn, outcome) {
 
 /** Show buttons under a reply: [label, action] pairs. */
 function offer(turn, choices) {
-  followTheEnd(() => turn.view.actions.replaceChildren(
-    ...choices.map(([label, action]) => {
-      const button = element("button", [label]);
-      button.type = "button";
-      button.addEventListener("click", action);
-      return button;
-    }),
-  ));
+  const buttons = choices.map(([label, action]) => {
+    const button = element("button", [label]);
+    button.type = "button";
+    button.addEventListener("click", action);
+    return button;
+  });
+  followTheEnd(() => turn.view.actions.replaceChildren(...buttons));
 }
 
 /** Send the newest turn's question again, in place of its failed or stopped reply. */
