@@ -14,6 +14,7 @@ Mount it: from app import chat; other_app.register_blueprint(chat, url_prefix="/
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import select
@@ -21,6 +22,7 @@ import socket
 import threading
 import time
 import uuid
+from email.utils import parsedate_to_datetime
 
 import openai
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
@@ -28,7 +30,16 @@ from gevent.monkey import get_original
 from greenlet import GreenletExit  # how gevent stops a stream that outlives the worker's graceful_timeout
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from upstream import SOCKET_BUFFER, DemoStream, ModelStream, StreamTimeout, UpstreamError, make_openai_clients
+from upstream import (
+    SOCKET_BUFFER,
+    ClientLeft,
+    DemoStream,
+    ModelStream,
+    StreamTimeout,
+    UpstreamError,
+    make_openai_clients,
+    watching,
+)
 
 log = logging.getLogger("chat")
 
@@ -54,6 +65,10 @@ DEFAULTS = {
     "CHAT_API_TOKEN": "",  # when set, /api/chat wants "Authorization: Bearer <token>"
     "CHAT_CORS_ORIGINS": "",  # comma-separated origins allowed to call /api/chat from a browser; empty: none
     "CHAT_DEMO_WORD_SECONDS": 0.05,  # the demo model's pace: slow enough to watch it type
+    "CHAT_REASONING": "show",  # show: relay a reasoning model's thinking; hide: keep it from the client
+    "CHAT_STREAM_USAGE": "auto",  # ask for usage (stream_options); auto: stop asking a server that refuses it
+    "CHAT_MAX_TOKENS_FIELD": "auto",  # max_tokens or max_completion_tokens; auto: the latter for OpenAI only
+    "CHAT_EXTRA_BODY": "",  # a JSON object merged into every upstream request, e.g. {"chat_template_kwargs": ...}
 }
 
 ROLES = {"system", "developer", "user", "assistant"}
@@ -106,17 +121,17 @@ def chat_completion():
     if not worker.slots.acquire():
         raise ApiError(503, "too_many_streams", "The server is busy. Please try again shortly.", {"Retry-After": "5"})
     requested_at = time.monotonic()
+    client = Client(request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket"), config)
     try:
-        upstream = open_upstream(worker, config, model, messages)
-    except openai.OpenAIError as exc:
+        upstream = open_upstream(worker, config, model, messages, client)
+    except (openai.OpenAIError, ClientLeft) as exc:
         worker.slots.release()
-        raise refusal(exc) from None
+        raise refusal(exc, model) from None
     except BaseException:
         worker.slots.release()  # any other failure (a bug, a worker stopping) must not keep the slot either
         raise
 
     stream_id = request_id()
-    client = Client(request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket"), config)
     events = EventStream()
     response = Response(
         relay(upstream, events, client, config, stream_id, model, requested_at),
@@ -189,42 +204,113 @@ def invalid(message):
     return ApiError(400, "invalid_request", message)
 
 
-def open_upstream(worker, config, model, messages):
-    """Send the request and wait for the upstream's headers, so that a refusal can still be an HTTP status."""
+def open_upstream(worker, config, model, messages, client):
+    """Send the request and wait for the upstream's headers, so that a refusal can still be an HTTP status.
+
+    A refused request is sent again up to CHAT_UPSTREAM_RETRIES times, only when nothing was paid for
+    and the wait it asks for is short: never after a timeout (the SDK's own retries are off, as it
+    retries those too). While the headers are awaited, a client that leaves ends the request.
+    """
     if uses_demo(config):
         return DemoStream(messages, config["CHAT_DEMO_WORD_SECONDS"])
-    completion = worker.next_client().chat.completions.with_streaming_response.create(
-        model=model,
-        messages=messages,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    return ModelStream(completion.__enter__())  # sends it; a 4xx/5xx raises here, before our headers
+    body = {"model": model, "messages": messages, "stream": True}
+    if worker.stream_usage:
+        body["stream_options"] = {"include_usage": True}
+    extra = json.loads(config["CHAT_EXTRA_BODY"] or "{}")
+    retries = config["CHAT_UPSTREAM_RETRIES"]
+    while True:
+        try:
+            with watching(client, config["CHAT_HEARTBEAT_SECONDS"]):
+                completion = worker.next_client().chat.completions.with_streaming_response.create(
+                    **body, extra_body=extra or None
+                )
+                return ModelStream(completion.__enter__())  # sends it; a 4xx/5xx raises here, before our headers
+        except openai.APIStatusError as exc:
+            if "stream_options" in body and refuses_stream_options(exc, config):
+                log.warning("upstream refuses stream_options: no longer asked for usage (CHAT_STREAM_USAGE)")
+                worker.stream_usage = False
+                del body["stream_options"]
+                continue
+            wait = retry_after(exc.response.headers) or 0.5
+            if retries <= 0 or exc.status_code not in RETRIED or wait > config["CHAT_RETRY_MAX_WAIT"]:
+                raise
+        except openai.APIConnectionError as exc:
+            if retries <= 0 or isinstance(exc, openai.APITimeoutError):
+                raise
+            wait = 0.5
+        retries -= 1
+        log.info("upstream refused; sending again in %.1fs", wait)
+        time.sleep(wait)
+
+
+RETRIED = {429, 500, 502, 503}  # statuses for which nothing was generated; 408 and 504 are timeouts
+
+
+def refuses_stream_options(exc, config):
+    """Tell whether a 400 says the server does not know stream_options (older Azure versions, old Ollama)."""
+    return config["CHAT_STREAM_USAGE"] == "auto" and exc.status_code == 400 and "stream_options" in str(exc.body)
+
+
+def retry_after(headers):
+    """Return the seconds the upstream asks us to wait: retry-after-ms, or Retry-After in seconds or as a date."""
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name, "")
+        try:
+            return max(0.0, float(value) * scale)
+        except ValueError:
+            pass
+    try:
+        return max(0.0, parsedate_to_datetime(headers.get("retry-after", "")).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
 
 
 # An upstream failure, as (status before the stream, code, sentence for a person); by SDK exception
-# or by the upstream's HTTP status. The upstream's own text is passed on only for a 400.
+# or by the upstream's HTTP status. Only a 400's own text is passed on, redacted.
 UPSTREAM_FAILURES = {
+    ClientLeft: (499, "client_gone", "The client left before the model answered."),  # nobody reads it
     openai.APITimeoutError: (504, "upstream_timeout", "The model took too long to answer."),
     openai.APIConnectionError: (502, "upstream_unreachable", "The model could not be reached."),
-    400: (400, "upstream_rejected", None),  # e.g. the conversation is longer than the model's context
+    400: (400, "upstream_rejected", None),
     401: (502, "upstream_auth", "The service could not authenticate with the model."),  # its text may echo the key
     403: (502, "upstream_auth", "The service could not authenticate with the model."),
+    404: (502, "model_not_found", "The model {model} was not found by the service's upstream."),
     429: (429, "rate_limited", "The model is busy. Please try again shortly."),
 }
 OTHER_FAILURE = (502, "upstream_error", "The model failed to answer.")
+TOO_LONG = (400, "context_too_long", "The conversation is too long for the model. Drop the oldest messages.")
+CONTEXT_WORDS = re.compile(r"context.length|context.window|maximum context|too many tokens|prompt is too long", re.I)
+PROXY_PREFIX = re.compile(r"^(?:litellm\.\w+:\s*)?(?:\w+Exception\s*-\s*)?")  # LiteLLM's wrapping of the text
 
 
-def refusal(exc):
-    """Turn the SDK's exception for a refused or failed request into our ApiError, and log it."""
-    key = exc.status_code if isinstance(exc, openai.APIStatusError) else type(exc)
+def refusal(exc, model):
+    """Turn the SDK's exception for a refused or failed request into our ApiError, and log what it said."""
+    if isinstance(exc, openai.APIStatusError):
+        key, said = exc.status_code, upstream_text(exc.body)
+    else:
+        key, said = type(exc), ""
     status, code, message = UPSTREAM_FAILURES.get(key, OTHER_FAILURE)
-    if message is None:
-        body = exc.body if isinstance(exc.body, dict) else {}
-        message = str(body.get("message") or "The model rejected the request.")[:500]
-    retry_after = exc.response.headers.get("Retry-After") if status == 429 else None
-    log.warning("upstream refused: %s %s (%s)", status, code, type(exc).__name__)
-    return ApiError(status, code, message, {"Retry-After": retry_after} if retry_after else None)
+    if key == 400 and (CONTEXT_WORDS.search(said) or "context_length" in str(exc.body)):
+        status, code, message = TOO_LONG
+    message = (message or PROXY_PREFIX.sub("", said) or "The model rejected the request.").format(model=model)[:500]
+    headers = {}
+    if status == 429 and (wait := retry_after(exc.response.headers)) is not None:
+        headers["Retry-After"] = str(math.ceil(wait))
+    log.warning(
+        "upstream refused: %s %s (upstream status=%s request_id=%s): %s",
+        status,
+        code,
+        getattr(exc, "status_code", type(exc).__name__),
+        getattr(exc, "request_id", None),
+        said[:300],
+    )
+    return ApiError(status, code, message, headers)
+
+
+def upstream_text(body):
+    """The message of an upstream error body: the SDK gives its `error` object, or the text."""
+    message = body.get("message") if isinstance(body, dict) else body
+    return message if isinstance(message, str) else ""
 
 
 # --- The relay: upstream deltas in, SSE events out, in one greenlet per stream -------------------
@@ -257,7 +343,9 @@ def relay(upstream, events, client, config, stream_id, model, requested_at):
     """
     started = last_output = last_write = time.monotonic()
     first = {}  # kind of output ("content", "reasoning"): seconds from the request to its first delta
-    outcome, count = None, 0
+    counts = {"content": 0, "reasoning": 0}
+    show = {"content", "reasoning"} if config["CHAT_REASONING"] == "show" else {"content"}
+    outcome = None
     try:
         yield events.opened()
         while not upstream.finished:
@@ -266,11 +354,14 @@ def relay(upstream, events, client, config, stream_id, model, requested_at):
             deltas = upstream.read(min(heartbeat_at, deadline) - time.monotonic())
             now = time.monotonic()
             if deltas:
-                last_output = now
+                last_output = now  # thinking is output too: it resets every deadline but the total
                 for kind, _ in deltas:
                     first.setdefault(kind, now - requested_at)
-                count += len(deltas)
-                data = b"".join([events.delta(kind, text) for kind, text in deltas])  # one write for all
+                    counts[kind] += 1
+                shown = [(kind, text) for kind, text in deltas if kind in show]
+                if not shown:
+                    continue
+                data = b"".join([events.delta(kind, text) for kind, text in shown])  # one write for all
             elif now >= deadline:
                 raise StreamTimeout(DEADLINES[code][1], code)
             elif now >= heartbeat_at:
@@ -294,7 +385,7 @@ def relay(upstream, events, client, config, stream_id, model, requested_at):
         outcome = "timeout" if isinstance(exc, StreamTimeout) else "error"
         if isinstance(exc, UpstreamError):
             code, message = exc.code, str(exc)
-            log.warning("stream %s failed: %s", stream_id, code)
+            log.warning("stream %s failed: %s %s", stream_id, code, exc.detail)
         else:  # a bug of ours, not the upstream's
             code, message = "relay_error", "The reply failed."
             log.exception("stream %s failed: %s", stream_id, code)
@@ -303,16 +394,19 @@ def relay(upstream, events, client, config, stream_id, model, requested_at):
     finally:
         upstream.close()
         usage = upstream.usage if isinstance(upstream.usage, dict) else {}
+        details = usage.get("completion_tokens_details")
+        details = details if isinstance(details, dict) else {}
         log.info(
-            "stream %s model=%s end=%s ttfr=%s ttft=%s duration=%.3fs events=%d tokens=%s reader=%s",
+            "stream %s model=%s end=%s ttfr=%s ttft=%s duration=%.3fs events=%d tokens=%s reasoning=%s reader=%s",
             stream_id,
             model,
             outcome or client.why_closed(),  # left at a yield: the server closed us because a write failed
             seconds(first.get("reasoning")),
             seconds(first.get("content")),
             time.monotonic() - started,
-            count,
-            usage.get("completion_tokens", count),
+            counts["content"],
+            usage.get("completion_tokens", counts["content"] + counts["reasoning"]),
+            details.get("reasoning_tokens", counts["reasoning"]),
             upstream.reader,
         )
 
@@ -456,6 +550,7 @@ class WorkerState:
         self.slots = StreamSlots(config["CHAT_MAX_STREAMS"])
         self.clients = [] if uses_demo(config) else make_openai_clients(config)
         self.turn = 0
+        self.stream_usage = config["CHAT_STREAM_USAGE"] != "off"  # auto turns it off when a server refuses it
 
     def next_client(self):
         """Take the SDK clients in turn: one pool for thousands of streams would cost O(streams) per stream."""
@@ -499,7 +594,29 @@ def json_error(exc):
     """The one error path: every failure before the stream is {"error": {"message", "code"}} with its status."""
     code = getattr(exc, "error_code", None) or exc.name.lower().replace(" ", "_")
     headers = getattr(exc, "headers", None) or {}
-    return jsonify(error={"message": exc.description, "code": code}), exc.code, headers
+    return jsonify(error={"message": redact(exc.description), "code": code}), exc.code, headers
+
+
+KEY_LIKE = re.compile(r"\bsk-[A-Za-z0-9_-]{6,}|\b[Bb]earer\s+[A-Za-z0-9._~+/=-]{6,}")
+secrets = set()  # the configured key and token, added when the blueprint is registered
+
+
+def redact(text):
+    """Hide key-like strings (sk-..., bearer tokens, the configured key and token) from a client or a log."""
+    for secret in secrets:
+        text = text.replace(secret, "[redacted]")
+    return KEY_LIKE.sub("[redacted]", text)
+
+
+class Redacting(logging.Filter):
+    """Redact every line of the "chat" log: upstream messages end up in it, and they can quote a key."""
+
+    def filter(self, record):
+        record.msg, record.args = redact(record.getMessage()), None
+        return True
+
+
+REDACTING = Redacting()
 
 
 @chat.route("/api/chat", methods=["GET", "PUT", "PATCH", "DELETE"])
@@ -558,6 +675,8 @@ def apply_defaults(state):
     """Fill in settings the host app has not set, and say once if the demo model will answer."""
     for key, value in config_from_env().items():
         state.app.config.setdefault(key, value)
+    secrets.update(filter(None, (state.app.config["OPENAI_API_KEY"], state.app.config["CHAT_API_TOKEN"])))
+    log.addFilter(REDACTING)
     if uses_demo(state.app.config):
         log.warning(
             "No OPENAI_API_KEY or OPENAI_BASE_URL: the built-in demo model answers. "

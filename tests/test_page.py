@@ -6,74 +6,25 @@ developer's machine and fail in CI.
 """
 
 import json
-import os
 import re
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from app import PAGE_CSP
-from conftest import ROOT, LiveServer, free_port, start_gunicorn
+from browser import fresh_page
+from live_servers import ROOT, Gunicorns, unavailable
 
 try:
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 except ImportError:
-    if os.environ.get("CI"):
-        raise  # CI must run the browser tests, not skip them
-    pytest.skip("playwright is not installed (pip install -r requirements-dev.txt)", allow_module_level=True)
+    unavailable("playwright is not installed (pip install -r requirements-dev.txt)")
 
-CHROMIUM = "/usr/bin/chromium"  # Debian's: Playwright never downloads a browser of its own here
-CHROMIUM_ARGS = [
-    "--no-sandbox",  # CI runs as root, where Chromium's sandbox cannot start
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-DESKTOP = {"width": 1000, "height": 720}
 PHONE = {"width": 390, "height": 844}
 ARTIFACTS = ROOT / "test-artifacts"
 AXE = Path(__file__).parent / "vendor" / "axe.min.js"  # axe-core 4.14.1 (MPL-2.0), for the tests only
-
-
-@pytest.fixture(scope="session")
-def browser():
-    """One Chromium for the whole session; each test gets its own context and page."""
-    if not Path(CHROMIUM).exists():
-        message = f"{CHROMIUM} is missing (apt-get install chromium)"
-        if os.environ.get("CI"):
-            pytest.fail(message)  # CI must run the browser tests, not skip them
-        pytest.skip(message)
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-
-
-def open_page(browser, **options):
-    """A fresh context and page (own storage); yield the page, then fail on any JavaScript error in it."""
-    context = browser.new_context(viewport=DESKTOP, **options)
-    page = context.new_page()
-    errors = []
-    page.on("pageerror", lambda error: errors.append(error))
-    yield page
-    context.close()
-    assert errors == []
-
-
-@pytest.fixture
-def page(browser):
-    """A fresh page under the page's own Content-Security-Policy; a JavaScript error in it fails the test.
-
-    A test that starts its own server names it before `page`: the page and its keep-alive
-    connection then close first, and the server stops at once instead of waiting for them.
-    """
-    yield from open_page(browser)
 
 
 @pytest.fixture
@@ -122,12 +73,12 @@ def sent_messages(upstream, index=-1):
 
 
 def test_first_words_show_while_the_upstream_is_still_sending(chat_page, upstream):
-    tokens = [f"t{i} " for i in range(30)]
+    tokens = [f"t{i} " for i in range(20)]
     upstream.reset(tokens=tokens, delay=0.1)
     say(chat_page, "Count")
 
     expect(reply_text(chat_page)).to_contain_text("t0")
-    assert len(upstream.received[0].sent) < 10  # the upstream is ~3 s from its last token
+    assert len(upstream.received[0].sent) < 10  # the upstream is a second or more from its last token
     expect(chat_page.get_by_label("Message")).to_be_disabled()
     expect(reply_text(chat_page)).to_have_text("".join(tokens), timeout=10_000)
     expect(chat_page.get_by_label("Message")).to_be_enabled()
@@ -487,11 +438,8 @@ def test_retry_after_a_stop_and_after_a_refusal(chat_page, upstream):
 @pytest.fixture(scope="module")
 def small_gunicorn(fake_upstream_server, tmp_path_factory):
     """gunicorn that takes at most 4 messages and 3,000 bytes per request: conversations outgrow it fast."""
-    env = {"OPENAI_BASE_URL": fake_upstream_server.url, "OPENAI_API_KEY": "sk-test"}
-    env.update(CHAT_MAX_MESSAGES="4", CHAT_MAX_BODY_BYTES="3000")
-    server = start_gunicorn("small", tmp_path_factory, env)
-    yield server
-    server.stop()
+    with Gunicorns(tmp_path_factory, fake_upstream_server.url) as gunicorns:
+        yield gunicorns.start({"CHAT_MAX_MESSAGES": "4", "CHAT_MAX_BODY_BYTES": "3000"}, name="small")
 
 
 def test_too_many_messages_offers_to_drop_the_oldest_turns_or_start_anew(small_gunicorn, page, upstream):
@@ -641,12 +589,9 @@ def test_http_errors_are_shown_in_words(chat_page, status, code, server_says, re
 
 
 @pytest.fixture
-def token_gunicorn(fake_upstream_server, tmp_path_factory):
+def token_gunicorn(start_gunicorn):
     """gunicorn whose /api/chat wants `Authorization: Bearer s3cret` (CHAT_API_TOKEN)."""
-    env = {"OPENAI_BASE_URL": fake_upstream_server.url, "OPENAI_API_KEY": "sk-test", "CHAT_API_TOKEN": "s3cret"}
-    server = start_gunicorn("token", tmp_path_factory, env)
-    yield server
-    server.stop()
+    return start_gunicorn({"CHAT_API_TOKEN": "s3cret"}, name="token")
 
 
 def test_a_token_is_asked_for_and_kept_when_the_server_wants_one(token_gunicorn, page, upstream):
@@ -713,16 +658,9 @@ def test_the_parser_reads_every_line_ending_and_any_split_of_the_stream(chat_pag
 
 
 @pytest.fixture
-def host_app(fake_upstream_server, tmp_path_factory):
+def host_app(start_gunicorn):
     """gunicorn serving tests/host_app.py: an existing app with the blueprint under /assistant."""
-    port = free_port()
-    command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "tests.host_app:host"]
-    command += ["-b", f"127.0.0.1:{port}", "-w", "1"]
-    env = {**os.environ, "OPENAI_BASE_URL": fake_upstream_server.url, "OPENAI_API_KEY": "sk-test"}
-    log_dir = tmp_path_factory.mktemp("host")
-    server = LiveServer("host", command, port, env=env, ready_path="/assistant/healthz", log_dir=log_dir)
-    yield server
-    server.stop()
+    return start_gunicorn(name="host", app="tests.host_app:host", ready_path="/assistant/healthz")
 
 
 def test_the_page_works_under_a_url_prefix(host_app, page, upstream):
@@ -771,22 +709,21 @@ def test_the_page_works_under_a_csp_that_allows_nothing_inline_and_no_other_orig
     assert page.evaluate("window.__xss") is None
 
 
-def test_nginx_serves_the_page_with_the_apps_csp_and_it_chats_through_nginx(gunicorn, upstream, tmp_path_factory, page):
-    from test_nginx import start_nginx
+@pytest.fixture
+def page_nginx(start_nginx, gunicorn):
+    """The shipped nginx.conf in front of the session's gunicorn: the page from nginx, the API through it."""
+    return start_nginx("nginx-page", [gunicorn])
 
-    nginx = start_nginx("nginx-page", tmp_path_factory, [gunicorn])
-    try:
-        page.add_init_script(WATCH_CSP)
-        response = page.goto(nginx.url + "/")
-        assert response.headers["content-security-policy"] == PAGE_CSP  # nginx.conf says the same
-        assert response.headers["cache-control"] == "no-cache"  # served by nginx's location, not the app
-        upstream.reset(tokens=MARKDOWN_REPLY)
-        say(page, "Hi")
-        expect(reply_text(page).locator("td")).to_have_text(["gevent", "10000", "sync", "1"])
-        assert page.evaluate("window.violations") == []
-    finally:
-        page.close()
-        nginx.stop()
+
+def test_nginx_serves_the_page_with_the_apps_csp_and_it_chats_through_nginx(page_nginx, page, upstream):
+    page.add_init_script(WATCH_CSP)
+    response = page.goto(page_nginx.url + "/")
+    assert response.headers["content-security-policy"] == PAGE_CSP  # nginx.conf says the same
+    assert response.headers["cache-control"] == "no-cache"  # served by nginx's location, not the app
+    upstream.reset(tokens=MARKDOWN_REPLY)
+    say(page, "Hi")
+    expect(reply_text(page).locator("td")).to_have_text(["gevent", "10000", "sync", "1"])
+    assert page.evaluate("window.violations") == []
 
 
 # --- Accessibility --------------------------------------------------------------------------------
@@ -820,7 +757,8 @@ def test_the_caret_is_shown_but_not_read_out(chat_page, upstream):
 @pytest.fixture
 def axe_page(browser):
     """A page that lets axe-core's script in (it is injected, so the page's CSP would refuse it)."""
-    yield from open_page(browser, bypass_csp=True)
+    with fresh_page(browser, bypass_csp=True) as page:
+        yield page
 
 
 def run_axe(page):
