@@ -221,7 +221,7 @@ def open_upstream(worker, config, model, messages, client):
     while True:
         try:
             with watching(client, config["CHAT_HEARTBEAT_SECONDS"]):
-                completion = worker.next_client().chat.completions.with_streaming_response.create(
+                completion = worker.next_sdk_client().chat.completions.with_streaming_response.create(
                     **body, extra_body=extra or None
                 )
                 return ModelStream(completion.__enter__())  # sends it; a 4xx/5xx raises here, before our headers
@@ -254,11 +254,12 @@ def refuses_stream_options(exc, config):
 def retry_after(headers):
     """Return the seconds the upstream asks us to wait: retry-after-ms, or Retry-After in seconds or as a date."""
     for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        value = headers.get(name, "")
         try:
-            return max(0.0, float(value) * scale)
+            wait = float(headers.get(name, "")) * scale
         except ValueError:
-            pass
+            continue
+        if math.isfinite(wait):
+            return max(0.0, wait)
     try:
         return max(0.0, parsedate_to_datetime(headers.get("retry-after", "")).timestamp() - time.time())
     except (TypeError, ValueError):
@@ -292,7 +293,10 @@ def refusal(exc, model):
     status, code, message = UPSTREAM_FAILURES.get(key, OTHER_FAILURE)
     if key == 400 and (CONTEXT_WORDS.search(said) or "context_length" in str(exc.body)):
         status, code, message = TOO_LONG
-    message = (message or PROXY_PREFIX.sub("", said) or "The model rejected the request.").format(model=model)[:500]
+    if message is None:  # the upstream's own words: never a format string
+        message = PROXY_PREFIX.sub("", said)[:500] or "The model rejected the request."
+    else:
+        message = message.format(model=model[:100])
     headers = {}
     if status == 429 and (wait := retry_after(exc.response.headers)) is not None:
         headers["Retry-After"] = str(math.ceil(wait))
@@ -548,14 +552,14 @@ class WorkerState:
 
     def __init__(self, config):
         self.slots = StreamSlots(config["CHAT_MAX_STREAMS"])
-        self.clients = [] if uses_demo(config) else make_openai_clients(config)
+        self.sdk_clients = [] if uses_demo(config) else make_openai_clients(config)
         self.turn = 0
         self.stream_usage = config["CHAT_STREAM_USAGE"] != "off"  # auto turns it off when a server refuses it
 
-    def next_client(self):
+    def next_sdk_client(self):
         """Take the SDK clients in turn: one pool for thousands of streams would cost O(streams) per stream."""
-        self.turn = (self.turn + 1) % len(self.clients)
-        return self.clients[self.turn]
+        self.turn = (self.turn + 1) % len(self.sdk_clients)
+        return self.sdk_clients[self.turn]
 
 
 def worker_state(app):
@@ -697,6 +701,6 @@ def create_app(config=None):
     app.register_blueprint(chat)
     # Make the SDK clients now, and let the SDK import the parts it loads on first use: the first
     # request would otherwise wait ~50 ms for both.
-    for client in worker_state(app).clients[:1]:
-        client.chat.completions.with_streaming_response  # noqa: B018 (the access is the point)
+    for sdk_client in worker_state(app).sdk_clients[:1]:
+        sdk_client.chat.completions.with_streaming_response  # noqa: B018 (the access is the point)
     return app

@@ -75,10 +75,11 @@ RETRY_AFTERS = [  # headers of a 429, what the client is told to wait, requests 
     ({"Retry-After": "a minute from now"}, None, 1),  # an HTTP date, made when the test runs
     ({"retry-after-ms": "9000"}, "9", 1),
     ({"retry-after-ms": "200"}, "1", 2),  # short: waited out and sent again, once
+    ({"Retry-After": "inf"}, "", 2),  # nonsense: no Retry-After of ours, and the usual short wait
 ]
 
 
-@pytest.mark.parametrize("headers, told, requests", RETRY_AFTERS, ids=["seconds", "date", "ms", "short-ms"])
+@pytest.mark.parametrize("headers, told, requests", RETRY_AFTERS, ids=["seconds", "date", "ms", "short-ms", "inf"])
 def test_retry_after_in_every_form_is_held_to_the_limit(dialect_gunicorn, upstream, headers, told, requests):
     if headers.get("Retry-After") == "a minute from now":
         headers = {"Retry-After": formatdate(time.time() + 60, usegmt=True)}
@@ -92,6 +93,8 @@ def test_retry_after_in_every_form_is_held_to_the_limit(dialect_gunicorn, upstre
     assert took < 2  # never held for a long Retry-After with nothing sent
     if told is None:
         assert 55 <= int(reply.headers["Retry-After"]) <= 61  # seconds, not the date
+    elif not told:
+        assert "Retry-After" not in reply.headers
     else:
         assert reply.headers["Retry-After"] == told
 
@@ -155,8 +158,9 @@ def test_a_400_that_quotes_the_key_is_passed_on_redacted(dialect_gunicorn, upstr
     [
         ("litellm.BadRequestError: OpenAIException - temperature is too high", "upstream_rejected", "temperature is"),
         ("This model's maximum context length is 8192 tokens.", "context_too_long", "too long for the model"),
+        ('Expected {"type": "text"} at messages.0, got {0}', "upstream_rejected", 'Expected {"type"'),
     ],
-    ids=["litellm-prefix", "context"],
+    ids=["litellm-prefix", "context", "braces"],
 )
 def test_a_400_says_what_the_model_said_plainly(dialect_gunicorn, upstream, said, code, shown):
     upstream.reset(status=400, error_message=said)
