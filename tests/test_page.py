@@ -360,7 +360,7 @@ def test_a_reload_restores_the_conversation_and_new_chat_clears_it(chat_page, up
     expect(reply_note(chat_page)).to_have_text("14 tokens: 9 prompt, 5 reply.")
     upstream.reset(tokens=["Second."])
     say(chat_page, "Second question")
-    expect(reply_text(chat_page)).to_have_text("Second.")
+    expect(reply_note(chat_page)).to_contain_text("tokens")
     assert sent_messages(upstream) == [
         {"role": "user", "content": "First question"},
         {"role": "assistant", "content": "**Bold** answer.\n\n```\ncode\n```"},
@@ -460,6 +460,7 @@ def test_too_many_messages_offers_to_drop_the_oldest_turns_or_start_anew(small_g
     expect(drop).to_be_focused()
     drop.click()
     expect(reply_text(page)).to_have_text("Answer.")
+    expect(reply_note(page)).to_contain_text("tokens")
     assert sent_messages(upstream) == [
         {"role": "user", "content": "Two"},
         {"role": "assistant", "content": "Answer."},
@@ -469,7 +470,8 @@ def test_too_many_messages_offers_to_drop_the_oldest_turns_or_start_anew(small_g
     expect(page.locator(".dropped")).to_be_visible()
 
     say(page, "Four")  # 5 messages again
-    page.get_by_role("button", name="New chat").last.click()  # the one offered under the refusal
+    expect(reply_note(page)).to_contain_text("The conversation is too long to send.")
+    reply(page).get_by_role("button", name="New chat").click()  # the one offered under the refusal
 
     expect(reply_text(page)).to_have_text("Answer.")
     assert sent_messages(upstream) == [{"role": "user", "content": "Four"}]
