@@ -2,6 +2,7 @@
 
 import http.client
 import json
+import socket
 import time
 from dataclasses import dataclass
 
@@ -39,15 +40,15 @@ class Reply:
         return None
 
 
-def open_chat(base_url, body, headers=None, timeout=30):
-    """POST /api/chat and return (connection, response) once the status line and headers are in."""
+def open_chat(base_url, body, headers=None, timeout=30, path="/api/chat", method="POST"):
+    """POST /api/chat (or `path`) and return (connection, response) once the status line and headers are in."""
     address, _, prefix = base_url.split("//")[1].partition("/")
     host, port = address.split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
-    payload = body if isinstance(body, bytes) else json.dumps(body).encode()
+    payload = body if isinstance(body, bytes | None) else json.dumps(body).encode()
     connection.request(
-        "POST",
-        f"/{prefix}/api/chat".replace("//", "/"),
+        method,
+        f"/{prefix}{path}".replace("//", "/"),
         body=payload,
         headers={"Content-Type": "application/json", **(headers or {})},
     )
@@ -60,10 +61,10 @@ def hang_up(connection, response):
     connection.close()
 
 
-def post_chat(base_url, body, headers=None, timeout=30, until=None):
-    """POST /api/chat and read the reply as it arrives; with `until`, hang up once those bytes arrived."""
+def post_chat(base_url, body, headers=None, timeout=30, until=None, path="/api/chat", method="POST"):
+    """POST /api/chat (or `path`) and read the reply as it arrives; with `until`, hang up once those bytes arrived."""
     started = time.monotonic()
-    connection, response = open_chat(base_url, body, headers, timeout)
+    connection, response = open_chat(base_url, body, headers, timeout, path, method)
     arrivals, raw = [], b""
     while chunk := response.read1(65536):
         arrivals.append((time.monotonic(), chunk))
@@ -72,3 +73,19 @@ def post_chat(base_url, body, headers=None, timeout=30, until=None):
             break
     hang_up(connection, response)
     return Reply(response.status, dict(response.getheaders()), raw, arrivals, started)
+
+
+FLOOD = [f"{i:06d} " + "x" * 90 for i in range(30_000)]  # ~3 MB of tokens, for an upstream as fast as it can
+
+
+def stalled_client(port, body=None):
+    """POST and then never read, with a receive buffer as small as the kernel allows."""
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)  # before connect: the window stays small
+    client.connect(("127.0.0.1", port))
+    payload = json.dumps(body or {"messages": [{"role": "user", "content": "Hi"}]}).encode()
+    client.sendall(
+        b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload)
+    )
+    return client

@@ -1,11 +1,13 @@
 """Fixtures: which real servers a test gets, and for how long. What they are lives in fake_upstream.py,
 live_servers.py (gunicorn), nginx_server.py and browser.py; chat_client.py is the streaming client."""
 
+import shutil
+
 import pytest
 
 from browser import fresh_page, running_chromium
 from fake_upstream import running_fake_upstream
-from live_servers import FAST_LIFECYCLE, Gunicorns
+from live_servers import FAST_LIFECYCLE, ROOT, Gunicorns, unavailable
 from nginx_server import Nginxes
 
 
@@ -69,3 +71,20 @@ def page(browser):
     """A fresh page; a JavaScript error in it fails the test."""
     with fresh_page(browser) as page:
         yield page
+
+
+@pytest.fixture(scope="session")
+def node():
+    """Node's path, for the JavaScript clients; a missing one skips, or fails in CI."""
+    path = shutil.which("node")
+    if path is None:
+        unavailable("node is not installed (apt-get install nodejs npm; .ci/run does)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def js_clients(node):
+    """Node's path, once `npm ci` in tests/ has installed the JavaScript clients tests/package.json pins."""
+    if not (ROOT / "tests" / "node_modules").is_dir():
+        unavailable("the JavaScript clients are not installed (npm ci in tests/; .ci/run does)")
+    return node

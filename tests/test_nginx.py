@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from chat_client import post_chat
-from live_servers import ROOT, free_port
+from chat_client import FLOOD, post_chat, stalled_client
+from live_servers import ROOT, free_port, stream_log_lines, wait_for
 from nginx_server import nginx_check, render, with_directive
 
 HI = {"messages": [{"role": "user", "content": "Hi"}]}
@@ -57,9 +57,10 @@ def nginx(start_nginx, gunicorn, fake_upstream_server):
     return server
 
 
+SSE_LOCATION = "location ~ ^/api/(ui-)?chat$ {"
 UNHELPED = [  # gzip for text/event-stream in the http block, and the app's X-Accel-Buffering ignored
     with_directive("gzip_types text/css", "gzip_types text/event-stream text/css"),
-    with_directive("location = /api/chat {", "location = /api/chat {\n proxy_ignore_headers X-Accel-Buffering;"),
+    with_directive(SSE_LOCATION, SSE_LOCATION + "\n proxy_ignore_headers X-Accel-Buffering;"),
 ]
 
 
@@ -166,6 +167,18 @@ def test_stream_is_neither_gzipped_nor_delayed(proxy, request, upstream):
     assert reply.first_time() < 0.3
 
 
+def test_the_ai_sdk_stream_takes_the_stream_location(nginx_unhelped, upstream):
+    """/api/ui-chat is a stream too: anywhere but the SSE location it would be gzipped, or held back."""
+    upstream.reset(tokens=[f"t{i} " for i in range(10)], delay=0.05)
+    body = {"messages": [{"id": "m1", "role": "user", "parts": [{"type": "text", "text": "Hi"}]}]}
+    reply = post_chat(nginx_unhelped.url, body, headers={"Accept-Encoding": "gzip"}, path="/api/ui-chat")
+
+    assert reply.status == 200
+    assert "Content-Encoding" not in reply.headers
+    assert reply.data[-1] == "[DONE]"
+    assert reply.first_time(b'"type": "text-delta"') < 0.3
+
+
 def test_unbuffered_stream_stays_live_even_when_gzipped(nginx_gzipping, upstream):
     """Fails without `proxy_buffering off`: buffered and gzipped, the reply came in one read at the end."""
     upstream.reset(tokens=[f"t{i} " for i in range(30)], delay=0.05)
@@ -213,6 +226,25 @@ def test_client_hang_up_while_tokens_flow_closes_the_upstream(nginx, upstream):
     assert received.hung_up.wait(2), "the upstream never saw the client leave:\n" + nginx.log()
     assert received.hung_up_at - hung_up_at < 1.0
     assert len(received.sent) < 30
+
+
+def test_a_client_that_stops_reading_is_let_go_behind_nginx(start_nginx, start_gunicorn, upstream):
+    """nginx.conf's send_timeout agrees with CHAT_SEND_TIMEOUT (both scaled down to 1 s here): nginx stops
+    reading from gunicorn while it cannot write, so whichever notices first, the model request ends."""
+    app = start_gunicorn({"CHAT_SEND_TIMEOUT": "1", "CHAT_HEARTBEAT_SECONDS": "0.5"}, name="stall-app")
+    proxy = start_nginx("nginx-stall", [app], [with_directive("send_timeout 30s;", "send_timeout 1s;")])
+    upstream.reset(tokens=FLOOD)
+    client = stalled_client(proxy.port)
+    started = time.monotonic()
+    try:
+        assert wait_for(lambda: upstream.received, 5)
+        [received] = upstream.received
+        assert received.hung_up.wait(6), "the upstream of a stalled client stayed open:\n" + proxy.log()
+        assert received.hung_up_at - started < 1 + 0.5 + 2
+        assert wait_for(lambda: stream_log_lines(app))
+        assert re.search(r"end=client_(stalled|gone)", stream_log_lines(app)[-1])
+    finally:
+        client.close()
 
 
 def test_client_hang_up_during_a_silence_closes_the_upstream(nginx_heartbeat, upstream):

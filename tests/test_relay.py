@@ -3,15 +3,13 @@
 Against a live gunicorn (gevent worker), and the development server where it differs.
 """
 
-import json
-import socket
 import sys
 import threading
 import time
 
 import pytest
 
-from chat_client import hang_up, open_chat, post_chat
+from chat_client import FLOOD, hang_up, open_chat, post_chat, stalled_client
 from live_servers import (
     FAST_LIFECYCLE,
     Gunicorns,
@@ -26,7 +24,6 @@ from live_servers import (
 HI = {"messages": [{"role": "user", "content": "Hi"}]}
 SEND_TIMEOUT = 1.0  # CHAT_SEND_TIMEOUT of the servers below
 HEARTBEAT = float(FAST_LIFECYCLE["CHAT_HEARTBEAT_SECONDS"])
-FLOOD = [f"{i:06d} " + "x" * 90 for i in range(30_000)]  # ~3 MB, as fast as the upstream can send
 
 
 def worker_rss_kb(server):
@@ -34,19 +31,6 @@ def worker_rss_kb(server):
     [child] = open(f"/proc/{server.process.pid}/task/{server.process.pid}/children").read().split()
     status = open(f"/proc/{child}/status").read()
     return int(status.split("VmRSS:")[1].split()[0])
-
-
-def stalled_client(port, body=HI):
-    """POST and then never read, with a receive buffer as small as the kernel allows."""
-    client = socket.socket()
-    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)  # before connect: the window stays small
-    client.connect(("127.0.0.1", port))
-    payload = json.dumps(body).encode()
-    client.sendall(
-        b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload)
-    )
-    return client
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,9 @@
 
 import http.client
 import json
-import shutil
 import subprocess
 import threading
 from pathlib import Path
-
-import pytest
 
 from chat_client import post_chat
 from fake_upstream import API_KEY
@@ -126,13 +123,12 @@ def test_chunked_body_over_the_limit_is_413(gunicorn, upstream):
 CLASSIC_CLIENT = Path(__file__).with_name("classic_client.mjs")
 
 
-@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
-def test_a_classic_fetch_client_rebuilds_the_reply(gunicorn, upstream):
+def test_a_classic_fetch_client_rebuilds_the_reply(node, gunicorn, upstream):
     """The classic fetch + ReadableStream reader of SSE tutorials, run in Node, gets the exact text."""
     tokens = ["Stream", "ing ", "응답", " with\nnew", "lines ", 'and "quotes"', "."]
     upstream.reset(tokens=tokens, delay=0.01)
     result = subprocess.run(
-        ["node", str(CLASSIC_CLIENT), gunicorn.url + "/api/chat"], capture_output=True, text=True, timeout=30
+        [node, str(CLASSIC_CLIENT), gunicorn.url + "/api/chat"], capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == "".join(tokens)
