@@ -799,10 +799,21 @@ def allow_listed_origins(response):
     return response
 
 
+# The page's own files only: nothing inline, nothing from another origin, and no HTML built from strings
+# (Trusted Types), so text from the model cannot become markup or script. nginx.conf sends the same.
+PAGE_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'; "
+    "require-trusted-types-for 'script'; trusted-types 'none'"
+)
+
+
 @chat.get("/")
 def page():
     """Serve the chat page; its URLs are relative, so it works under any url_prefix."""
-    return chat.send_static_file("index.html")
+    response = chat.send_static_file("index.html")
+    response.headers["Content-Security-Policy"] = PAGE_CSP
+    return response
 
 
 @chat.get("/api/models")
