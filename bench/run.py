@@ -1,7 +1,7 @@
 """Run the whole benchmark: our service beside the floor, the Express server and FastAPI, one core each.
 
-    python3 bench/run.py                                   # everything, ~8-9 minutes
-    python3 bench/run.py --quick                           # a ~2-minute smoke run
+    python3 bench/run.py                                   # everything, ~10 minutes
+    python3 bench/run.py --quick                           # a ~3.5-minute smoke run
     python3 bench/run.py --subjects flask --scenarios S1,S2
 
 It installs the peers' dependencies itself (bench/.venv-peers from bench/requirements.txt,
@@ -1073,7 +1073,7 @@ PARAMS = {"S1": S1, "S2": S2, "S3": S3, "S4": S4, "S5": S5}
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a ~2-minute smoke run")
+    parser.add_argument("--quick", action="store_true", help="a ~3.5-minute smoke run")
     parser.add_argument("--subjects", default=",".join([DIRECT, *SUBJECT_NAMES]), help="comma-separated")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated")
     parser.add_argument("--out", help="the Markdown report (default: see the module docstring)")
