@@ -2,7 +2,8 @@
 
 One Flask module: ``POST /api/chat`` takes ``{"messages": [...]}`` and answers with
 ``text/event-stream``, one ``data: {"content": ...}`` event per token and ``data: [DONE]``
-at the end. The upstream is any OpenAI-compatible server, reached with the official
+at the end; ``POST /api/ui-chat`` is the same chat in the Vercel AI SDK's protocol, for its
+``useChat``. The upstream is any OpenAI-compatible server, reached with the official
 ``openai`` SDK; with neither ``OPENAI_API_KEY`` nor ``OPENAI_BASE_URL`` set, a built-in
 demo model answers, so everything runs offline.
 
@@ -15,6 +16,7 @@ Check it: flask --app app doctor https://chat.example.com/      (the whole path 
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import select
@@ -22,6 +24,7 @@ import socket
 import threading
 import time
 import uuid
+from email.utils import parsedate_to_datetime
 
 import click
 import openai
@@ -30,7 +33,16 @@ from gevent.monkey import get_original
 from greenlet import GreenletExit  # how gevent stops a stream that outlives the worker's graceful_timeout
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from upstream import SOCKET_BUFFER, DemoStream, ModelStream, StreamTimeout, UpstreamError, make_openai_clients
+from upstream import (
+    SOCKET_BUFFER,
+    ClientLeft,
+    DemoStream,
+    ModelStream,
+    StreamTimeout,
+    UpstreamError,
+    make_openai_clients,
+    watching,
+)
 
 log = logging.getLogger("chat")
 
@@ -49,13 +61,17 @@ DEFAULTS = {
     "CHAT_SEND_TIMEOUT": 30.0,  # seconds a client may take no bytes before its stream is ended
     "CHAT_MAX_BODY_BYTES": 1_048_576,  # larger request bodies get 413 (nginx.conf says the same)
     "CHAT_MAX_MESSAGES": 200,  # longer conversations get 400
-    "CHAT_UPSTREAM_RETRIES": 1,  # the SDK's retries of a refused or failed request, before the first byte only
+    "CHAT_UPSTREAM_RETRIES": 1,  # a refused request is sent again this often, before the first byte; never a timeout
     "CHAT_RETRY_MAX_WAIT": 5.0,  # a 429 asking to wait longer than this goes back to the client at once
     "CHAT_CONNECT_TIMEOUT": 5.0,  # seconds to open a connection to the upstream
     "CHAT_MAX_STREAMS": 900,  # open streams per worker; past it 503. Keep below gunicorn's worker_connections
     "CHAT_API_TOKEN": "",  # when set, /api/chat wants "Authorization: Bearer <token>"
     "CHAT_CORS_ORIGINS": "",  # comma-separated origins allowed to call /api/chat from a browser; empty: none
     "CHAT_DEMO_WORD_SECONDS": 0.05,  # the demo model's pace: slow enough to watch it type
+    "CHAT_REASONING": "show",  # show: relay a reasoning model's thinking; hide: keep it from the client
+    "CHAT_STREAM_USAGE": "auto",  # ask for usage (stream_options); auto: stop asking a server that refuses it
+    "CHAT_MAX_TOKENS_FIELD": "auto",  # max_tokens or max_completion_tokens; auto: the latter for OpenAI only
+    "CHAT_EXTRA_BODY": "",  # a JSON object merged into every upstream request, e.g. {"chat_template_kwargs": ...}
     "CHAT_METRICS": "",  # 1: count streams for Prometheus at /metrics (operate.py); unset or 0: nothing is loaded
 }
 
@@ -107,29 +123,41 @@ def chat_completion():
     if "diagnostic" in request.args:  # `flask doctor`'s stream: at the chat's URL, so it takes the chat's proxy path
         import operate
 
-        return operate.diagnostic(request.args, config, respond)
-    model, messages = parse_chat_request(config)
+        return operate.diagnostic(request.args, config, relay_diagnostic)
+    model, messages = parse_chat_request(config, read_json(config))
+    return stream_reply(config, model, messages, EventStream())
 
+
+@chat.post("/api/ui-chat")
+def ui_chat():
+    """The same chat for the AI SDK's useChat: its request body in, its UI message stream out."""
+    config = current_app.config
+    check_token(config["CHAT_API_TOKEN"])
+    model, messages = parse_chat_request(config, native_body(read_json(config)))
+    return stream_reply(config, model, messages, UIMessageStream())
+
+
+def stream_reply(config, model, messages, events):
+    """Open the upstream, then return the response that relays it, encoded by `events` (one per protocol)."""
     worker = worker_state(current_app)
     if not worker.slots.acquire():
         raise ApiError(503, "too_many_streams", "The server is busy. Please try again shortly.", {"Retry-After": "5"})
     requested_at = time.monotonic()
+    client = Client(request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket"), config)
     try:
-        upstream = open_upstream(worker, config, model, messages)
-    except openai.OpenAIError as exc:
+        upstream = open_upstream(worker, config, model, messages, client)
+    except (openai.OpenAIError, ClientLeft) as exc:
         worker.slots.release()
-        raise refusal(exc) from None
+        raise refusal(exc, model) from None
     except BaseException:
         worker.slots.release()  # any other failure (a bug, a worker stopping) must not keep the slot either
         raise
-    return respond(upstream, config, model, requested_at, worker.slots.release, metrics(config))
+    return respond(upstream, events, client, config, model, requested_at, worker.slots.release, metrics(config))
 
 
-def respond(upstream, config, model, requested_at, release, watch=None):
-    """Return the streaming Response relaying `upstream`; `release` is called however it ends."""
+def respond(upstream, events, client, config, model, requested_at, release, watch=None):
+    """Return the Response that relays `upstream`; `release` is called however it ends."""
     stream_id = request_id()
-    client = Client(request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket"), config)
-    events = EventStream()
     response = Response(
         relay(upstream, events, client, config, stream_id, model, requested_at, watch),
         # No "Connection: keep-alive": it is hop-by-hop, gunicorn drops it and HTTP/2 forbids it.
@@ -140,6 +168,12 @@ def respond(upstream, config, model, requested_at, release, watch=None):
     return response
 
 
+def relay_diagnostic(stream, config, release):
+    """Relay operate.py's diagnostic stream like a model's reply, in the native format; no model is called."""
+    client = Client(request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket"), config)
+    return respond(stream, EventStream(), client, config, "diagnostic", time.monotonic(), release, stream)
+
+
 def check_token(token):
     """Refuse the request unless it bears CHAT_API_TOKEN, when one is set (compared in constant time)."""
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
@@ -147,8 +181,8 @@ def check_token(token):
         raise ApiError(401, "unauthorized", "Send Authorization: Bearer <token>.", {"WWW-Authenticate": "Bearer"})
 
 
-def parse_chat_request(config):
-    """Return (model, messages) from the request body, or raise ApiError naming what is wrong."""
+def read_json(config):
+    """Return the request's JSON body, or raise ApiError: not JSON, too large, not UTF-8, too deep."""
     if request.mimetype != "application/json":
         raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json.")
     limit = request.max_content_length = config["CHAT_MAX_BODY_BYTES"]
@@ -165,6 +199,11 @@ def parse_chat_request(config):
         raise invalid("The body is nested too deeply.") from None
     except ValueError as exc:
         raise invalid(f"The body is not valid JSON: {exc}.") from None
+    return body
+
+
+def parse_chat_request(config, body):
+    """Return (model, messages) from the request's body, or raise ApiError naming what is wrong."""
     if not isinstance(body, dict):
         raise invalid("The body must be a JSON object.")
     unknown = sorted(set(body) - REQUEST_FIELDS)
@@ -201,44 +240,119 @@ def invalid(message):
     return ApiError(400, "invalid_request", message)
 
 
-def open_upstream(worker, config, model, messages):
-    """Send the request and wait for the upstream's headers, so that a refusal can still be an HTTP status."""
+def open_upstream(worker, config, model, messages, client):
+    """Send the request and wait for the upstream's headers, so that a refusal can still be an HTTP status.
+
+    A refused request is sent again up to CHAT_UPSTREAM_RETRIES times, only when nothing was paid for
+    and the wait it asks for is short: never after a timeout (the SDK's own retries are off, as it
+    retries those too). While the headers are awaited, a client that leaves ends the request.
+    """
     if uses_demo(config):
         return DemoStream(messages, config["CHAT_DEMO_WORD_SECONDS"])
-    completion = worker.next_client().chat.completions.with_streaming_response.create(
-        model=model,
-        messages=messages,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    return ModelStream(completion.__enter__())  # sends it; a 4xx/5xx raises here, before our headers
+    body = {"model": model, "messages": messages, "stream": True}
+    if worker.stream_usage:
+        body["stream_options"] = {"include_usage": True}
+    extra = json.loads(config["CHAT_EXTRA_BODY"] or "{}")
+    retries = config["CHAT_UPSTREAM_RETRIES"]
+    while True:
+        try:
+            with watching(client, config["CHAT_HEARTBEAT_SECONDS"]):
+                completion = worker.next_sdk_client().chat.completions.with_streaming_response.create(
+                    **body, extra_body=extra or None
+                )
+                return ModelStream(completion.__enter__())  # sends it; a 4xx/5xx raises here, before our headers
+        except openai.APIStatusError as exc:
+            if "stream_options" in body and refuses_stream_options(exc, config):
+                log.warning("upstream refuses stream_options: no longer asked for usage (CHAT_STREAM_USAGE)")
+                worker.stream_usage = False
+                del body["stream_options"]
+                continue
+            wait = retry_after(exc.response.headers) or 0.5
+            if retries <= 0 or exc.status_code not in RETRIED or wait > config["CHAT_RETRY_MAX_WAIT"]:
+                raise
+        except openai.APIConnectionError as exc:
+            if retries <= 0 or isinstance(exc, openai.APITimeoutError):
+                raise
+            wait = 0.5
+        retries -= 1
+        log.info("upstream refused; sending again in %.1fs", wait)
+        time.sleep(wait)
+
+
+RETRIED = {429, 500, 502, 503}  # statuses for which nothing was generated; 408 and 504 are timeouts
+
+
+def refuses_stream_options(exc, config):
+    """Tell whether a 400 says the server does not know stream_options (older Azure versions, old Ollama)."""
+    return config["CHAT_STREAM_USAGE"] == "auto" and exc.status_code == 400 and "stream_options" in str(exc.body)
+
+
+def retry_after(headers):
+    """Return the seconds the upstream asks us to wait: retry-after-ms, or Retry-After in seconds or as a date."""
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        try:
+            wait = float(headers.get(name, "")) * scale
+        except ValueError:
+            continue
+        if math.isfinite(wait):
+            return max(0.0, wait)
+    try:
+        return max(0.0, parsedate_to_datetime(headers.get("retry-after", "")).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
 
 
 # An upstream failure, as (status before the stream, code, sentence for a person); by SDK exception
-# or by the upstream's HTTP status. The upstream's own text is passed on only for a 400.
+# or by the upstream's HTTP status. Only a 400's own text is passed on, redacted.
 UPSTREAM_FAILURES = {
+    ClientLeft: (499, "client_gone", "The client left before the model answered."),  # nobody reads it
     openai.APITimeoutError: (504, "upstream_timeout", "The model took too long to answer."),
     openai.APIConnectionError: (502, "upstream_unreachable", "The model could not be reached."),
-    400: (400, "upstream_rejected", None),  # e.g. the conversation is longer than the model's context
+    400: (400, "upstream_rejected", None),
     401: (502, "upstream_auth", "The service could not authenticate with the model."),  # its text may echo the key
     403: (502, "upstream_auth", "The service could not authenticate with the model."),
+    404: (502, "model_not_found", "The model {model} was not found by the service's upstream."),
     429: (429, "rate_limited", "The model is busy. Please try again shortly."),
 }
 OTHER_FAILURE = (502, "upstream_error", "The model failed to answer.")
+TOO_LONG = (400, "context_too_long", "The conversation is too long for the model. Drop the oldest messages.")
+CONTEXT_WORDS = re.compile(r"context.length|context.window|maximum context|too many tokens|prompt is too long", re.I)
+PROXY_PREFIX = re.compile(r"^(?:litellm\.\w+:\s*)?(?:\w+Exception\s*-\s*)?")  # LiteLLM's wrapping of the text
 
 
-def refusal(exc):
-    """Turn the SDK's exception for a refused or failed request into our ApiError, and log it."""
-    key = exc.status_code if isinstance(exc, openai.APIStatusError) else type(exc)
+def refusal(exc, model):
+    """Turn the SDK's exception for a refused or failed request into our ApiError, and log what it said."""
+    if isinstance(exc, openai.APIStatusError):
+        key, said = exc.status_code, upstream_text(exc.body)
+    else:
+        key, said = type(exc), ""
     status, code, message = UPSTREAM_FAILURES.get(key, OTHER_FAILURE)
-    if message is None:
-        body = exc.body if isinstance(exc.body, dict) else {}
-        message = str(body.get("message") or "The model rejected the request.")[:500]
-    retry_after = exc.response.headers.get("Retry-After") if status == 429 else None
-    log.warning("upstream refused: %s %s (%s)", status, code, type(exc).__name__)
+    if key == 400 and (CONTEXT_WORDS.search(said) or "context_length" in str(exc.body)):
+        status, code, message = TOO_LONG
+    if message is None:  # the upstream's own words: never a format string
+        message = PROXY_PREFIX.sub("", said)[:500] or "The model rejected the request."
+    else:
+        message = message.format(model=model[:100])
+    headers = {}
+    if status == 429 and (wait := retry_after(exc.response.headers)) is not None:
+        headers["Retry-After"] = str(math.ceil(wait))
+    log.warning(
+        "upstream refused: %s %s (upstream status=%s request_id=%s): %s",
+        status,
+        code,
+        getattr(exc, "status_code", type(exc).__name__),
+        getattr(exc, "request_id", None),
+        said[:300],
+    )
     if meter := metrics(current_app.config):
         meter.upstream_refused(key if isinstance(key, int) else "none", code)
-    return ApiError(status, code, message, {"Retry-After": retry_after} if retry_after else None)
+    return ApiError(status, code, message, headers)
+
+
+def upstream_text(body):
+    """The message of an upstream error body: the SDK gives its `error` object, or the text."""
+    message = body.get("message") if isinstance(body, dict) else body
+    return message if isinstance(message, str) else ""
 
 
 # --- The relay: upstream deltas in, SSE events out, in one greenlet per stream -------------------
@@ -272,7 +386,9 @@ def relay(upstream, events, client, config, stream_id, model, requested_at, watc
     """
     started = last_output = last_write = time.monotonic()
     first = {}  # kind of output ("content", "reasoning"): seconds from the request to its first delta
-    outcome, count, error = None, 0, None  # error: the code of the error event sent, if one was
+    counts = {"content": 0, "reasoning": 0}
+    show = {"content", "reasoning"} if config["CHAT_REASONING"] == "show" else {"content"}
+    outcome, error = None, None  # error: the code of the error event sent, if one was
     if watch:
         watch.opened(stream_id)
     try:
@@ -283,11 +399,14 @@ def relay(upstream, events, client, config, stream_id, model, requested_at, watc
             deltas = upstream.read(min(heartbeat_at, deadline) - time.monotonic())
             now = time.monotonic()
             if deltas:
-                last_output = now
+                last_output = now  # thinking is output too: it resets every deadline but the total
                 for kind, _ in deltas:
                     first.setdefault(kind, now - requested_at)
-                count += len(deltas)
-                data = b"".join([events.delta(kind, text) for kind, text in deltas])  # one write for all
+                    counts[kind] += 1
+                shown = [(kind, text) for kind, text in deltas if kind in show]
+                if not shown:
+                    continue
+                data = b"".join([events.delta(kind, text) for kind, text in shown])  # one write for all
             elif now >= deadline:
                 raise StreamTimeout(DEADLINES[code][1], code)
             elif now >= heartbeat_at:
@@ -311,7 +430,7 @@ def relay(upstream, events, client, config, stream_id, model, requested_at, watc
         outcome = "timeout" if isinstance(exc, StreamTimeout) else "error"
         if isinstance(exc, UpstreamError):
             error, message = exc.code, str(exc)
-            log.warning("stream %s failed: %s", stream_id, error)
+            log.warning("stream %s failed: %s %s", stream_id, error, exc.detail)
         else:  # a bug of ours, not the upstream's
             error, message = "relay_error", "The reply failed."
             log.exception("stream %s failed: %s", stream_id, error)
@@ -322,20 +441,23 @@ def relay(upstream, events, client, config, stream_id, model, requested_at, watc
         outcome = outcome or client.why_closed()  # left at a yield: the server closed us because a write failed
         duration = time.monotonic() - started
         usage = upstream.usage if isinstance(upstream.usage, dict) else {}
+        details = usage.get("completion_tokens_details")
+        details = details if isinstance(details, dict) else {}
         log.info(
-            "stream %s model=%s end=%s ttfr=%s ttft=%s duration=%.3fs events=%d tokens=%s reader=%s",
+            "stream %s model=%s end=%s ttfr=%s ttft=%s duration=%.3fs events=%d tokens=%s reasoning=%s reader=%s",
             stream_id,
             model,
             outcome,
             seconds(first.get("reasoning")),
             seconds(first.get("content")),
             duration,
-            count,
-            usage.get("completion_tokens", count),
+            counts["content"],
+            usage.get("completion_tokens", counts["content"] + counts["reasoning"]),
+            details.get("reasoning_tokens", counts["reasoning"]),
             upstream.reader,
         )
         if watch:
-            watch.ended(outcome, error or upstream.finish_reason, first, duration, usage, count)
+            watch.ended(outcome, error or upstream.finish_reason, first, duration, usage, sum(counts.values()))
 
 
 def nearest_deadline(config, requested_at, started, last_output, answering):
@@ -467,6 +589,135 @@ class EventStream:
         return sse({"content": "", "error": message, "code": code})
 
 
+# --- The AI SDK's UI message stream: the second encoder, and its request ------------------------
+#
+# What useChat reads through the `ai` package's DefaultChatTransport: one JSON chunk per event,
+# told apart by `type` (ai's uiMessageChunkSchema, src/ui-message-stream/ui-message-chunks.ts).
+# A reply is `start`, then each run of reasoning or text as a part: `reasoning-start`, deltas,
+# `reasoning-end` (or `text-...`), then `finish` with the usage as the message's metadata, and
+# `[DONE]`, which the SDK's own servers send last whether or not the reply failed.
+
+FINISH_REASONS = {  # OpenAI's finish reasons, as the SDK names them; any other is "other"
+    "stop": "stop",
+    "length": "length",
+    "content_filter": "content-filter",
+    "tool_calls": "tool-calls",
+    "function_call": "tool-calls",
+}
+
+
+class UIMessageStream:
+    """The Vercel AI SDK's UI message stream (v1): text and reasoning parts, usage on `finish`."""
+
+    media_type = "text/event-stream"
+    headers = {"x-vercel-ai-ui-message-stream": "v1"}
+
+    def __init__(self):
+        self.part = None  # the open part: ("text" or "reasoning", its id)
+        self.parts = 0
+
+    def opened(self):
+        return sse({"type": "start"})
+
+    def ping(self):
+        return b": ping\n"
+
+    def delta(self, kind, text):
+        kind = "text" if kind == "content" else kind
+        data = b""
+        if self.part is None or self.part[0] != kind:  # a new run of this kind: a new part
+            data = self.close_part()
+            self.part, self.parts = (kind, str(self.parts)), self.parts + 1
+            data += sse({"type": f"{kind}-start", "id": self.part[1]})
+        return data + sse({"type": f"{kind}-delta", "id": self.part[1], "delta": text})
+
+    def close_part(self):
+        if self.part is None:
+            return b""
+        (kind, part_id), self.part = self.part, None
+        return sse({"type": f"{kind}-end", "id": part_id})
+
+    def end(self, finish_reason, usage):
+        finish = {"type": "finish", "finishReason": FINISH_REASONS.get(finish_reason, "other")}
+        finish["messageMetadata"] = {"usage": usage}  # where useChat lets a page read it: message.metadata
+        return self.close_part() + sse(finish) + b"data: [DONE]\n\n"
+
+    def error(self, code, message):
+        # The open part stays open: the SDK leaves it "streaming", which is what it is, cut short.
+        return sse({"type": "error", "errorText": message}) + b"data: [DONE]\n\n"
+
+
+UI_REQUEST_FIELDS = {"id", "messages", "trigger", "messageId"}  # DefaultChatTransport's; the rest as in REQUEST_FIELDS
+UI_TRIGGERS = {"submit-message", "regenerate-message"}
+UI_MESSAGE_FIELDS = {"id", "role", "parts", "metadata"}
+UI_ROLES = {"system", "user", "assistant"}
+UI_PART_FIELDS = {  # the parts a chat without tools has (ai's src/ui/validate-ui-messages.ts)
+    "text": {"type", "text", "state", "providerMetadata"},
+    "reasoning": {"type", "id", "text", "state", "providerMetadata"},
+    "file": {"type", "mediaType", "filename", "url", "providerReference", "providerMetadata"},
+    "step-start": {"type"},
+}
+
+
+def native_body(body):
+    """Turn the body useChat sends into the native one; a 400 names the field as the AI SDK spells it.
+
+    Text parts become the message's text, image file parts its image parts; the model's reasoning
+    is not sent back to it. Other fields (model, sampling) stay as they are, for the native checks.
+    """
+    if not isinstance(body, dict):
+        raise invalid("The body must be a JSON object.")
+    for name in ("id", "messageId"):
+        if name in body and not isinstance(body[name], str):
+            raise invalid(f"{name} must be a string.")
+    if "trigger" in body and not (isinstance(body["trigger"], str) and body["trigger"] in UI_TRIGGERS):
+        raise invalid(f"trigger must be one of {', '.join(sorted(UI_TRIGGERS))}.")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise invalid("messages must be a non-empty list.")
+    native = {name: value for name, value in body.items() if name not in UI_REQUEST_FIELDS}
+    native["messages"] = [native_message(message, f"messages[{i}]") for i, message in enumerate(messages)]
+    return native
+
+
+def native_message(message, where):
+    """Turn one UI message ({id, role, parts}) into {role, content}."""
+    if not isinstance(message, dict):
+        raise invalid(f"{where} must be an object.")
+    unknown = sorted(set(message) - UI_MESSAGE_FIELDS)
+    if unknown:
+        raise invalid(f"{where} has an unknown field: {unknown[0]}.")
+    if not (isinstance(message.get("role"), str) and message["role"] in UI_ROLES):
+        raise invalid(f"{where}.role must be one of {', '.join(sorted(UI_ROLES))}.")
+    if not isinstance(message.get("parts"), list):
+        raise invalid(f"{where}.parts must be a list.")
+    content = []
+    for j, part in enumerate(message["parts"]):
+        at = f"{where}.parts[{j}]"
+        if not isinstance(part, dict):
+            raise invalid(f"{at} must be an object.")
+        if not (isinstance(part.get("type"), str) and part["type"] in UI_PART_FIELDS):
+            raise invalid(f"{at}.type must be one of {', '.join(sorted(UI_PART_FIELDS))}.")
+        unknown = sorted(set(part) - UI_PART_FIELDS[part["type"]])
+        if unknown:
+            raise invalid(f"{at} has an unknown field: {unknown[0]}.")
+        if part["type"] in ("text", "reasoning") and not isinstance(part.get("text"), str):
+            raise invalid(f"{at}.text must be a string.")
+        if part["type"] == "text":
+            content.append({"type": "text", "text": part["text"]})
+        elif part["type"] == "file":
+            if not str(part.get("mediaType")).startswith("image/"):
+                raise invalid(f"{at}.mediaType must be an image type: only images can be sent.")
+            if not isinstance(part.get("url"), str):
+                raise invalid(f"{at}.url must be a string.")
+            content.append({"type": "image_url", "image_url": {"url": part["url"]}})
+    if not content and message["role"] != "assistant":  # an assistant stopped while it thought may have none
+        raise invalid(f"{where}.parts has no text.")
+    if all(item["type"] == "text" for item in content):  # text only: the plain string every upstream takes
+        content = "".join(item["text"] for item in content)
+    return {"role": message["role"], "content": content}
+
+
 # --- Plumbing: per-worker state, errors, CORS, the page, health -----------------------------------
 
 
@@ -475,13 +726,14 @@ class WorkerState:
 
     def __init__(self, config):
         self.slots = StreamSlots(config["CHAT_MAX_STREAMS"])
-        self.clients = [] if uses_demo(config) else make_openai_clients(config)
+        self.sdk_clients = [] if uses_demo(config) else make_openai_clients(config)
         self.turn = 0
+        self.stream_usage = config["CHAT_STREAM_USAGE"] != "off"  # auto turns it off when a server refuses it
 
-    def next_client(self):
+    def next_sdk_client(self):
         """Take the SDK clients in turn: one pool for thousands of streams would cost O(streams) per stream."""
-        self.turn = (self.turn + 1) % len(self.clients)
-        return self.clients[self.turn]
+        self.turn = (self.turn + 1) % len(self.sdk_clients)
+        return self.sdk_clients[self.turn]
 
 
 def worker_state(app):
@@ -516,16 +768,45 @@ def request_id():
 
 
 @chat.errorhandler(HTTPException)
-def json_error(exc):
-    """The one error path: every failure before the stream is {"error": {"message", "code"}} with its status."""
+def error_response(exc):
+    """The one error path: every failure before the stream is {"error": {"message", "code"}} with its status.
+
+    On the AI SDK's route the body is the sentence alone: useChat shows a refused request's body,
+    as it is, as the error's message.
+    """
     code = getattr(exc, "error_code", None) or exc.name.lower().replace(" ", "_")
     headers = getattr(exc, "headers", None) or {}
     if meter := metrics(current_app.config):
         meter.refused_before_stream(exc.code, code)
-    return jsonify(error={"message": exc.description, "code": code}), exc.code, headers
+    if request.path.endswith("/api/ui-chat"):
+        return Response(redact(exc.description), exc.code, headers, mimetype="text/plain")
+    return jsonify(error={"message": redact(exc.description), "code": code}), exc.code, headers
+
+
+KEY_LIKE = re.compile(r"\bsk-[A-Za-z0-9_-]{6,}|\b[Bb]earer\s+[A-Za-z0-9._~+/=-]{6,}")
+secrets = set()  # the configured key and token, added when the blueprint is registered
+
+
+def redact(text):
+    """Hide key-like strings (sk-..., bearer tokens, the configured key and token) from a client or a log."""
+    for secret in secrets:
+        text = text.replace(secret, "[redacted]")
+    return KEY_LIKE.sub("[redacted]", text)
+
+
+class Redacting(logging.Filter):
+    """Redact every line of the "chat" log: upstream messages end up in it, and they can quote a key."""
+
+    def filter(self, record):
+        record.msg, record.args = redact(record.getMessage()), None
+        return True
+
+
+REDACTING = Redacting()
 
 
 @chat.route("/api/chat", methods=["GET", "PUT", "PATCH", "DELETE"])
+@chat.route("/api/ui-chat", methods=["GET", "PUT", "PATCH", "DELETE"])
 def chat_wrong_method():
     """A wrong method gets the JSON error too: Flask's own 405 never reaches a blueprint's handler."""
     raise ApiError(405, "method_not_allowed", "Use POST.", {"Allow": "POST"})
@@ -547,10 +828,21 @@ def allow_listed_origins(response):
     return response
 
 
+# The page's own files only: nothing inline, nothing from another origin, and no HTML built from strings
+# (Trusted Types), so text from the model cannot become markup or script. nginx.conf sends the same.
+PAGE_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'; "
+    "require-trusted-types-for 'script'; trusted-types 'none'"
+)
+
+
 @chat.get("/")
 def page():
     """Serve the chat page; its URLs are relative, so it works under any url_prefix."""
-    return chat.send_static_file("index.html")
+    response = chat.send_static_file("index.html")
+    response.headers["Content-Security-Policy"] = PAGE_CSP
+    return response
 
 
 @chat.get("/api/models")
@@ -603,6 +895,8 @@ def apply_defaults(state):
     """Fill in settings the host app has not set, and say once if the demo model will answer."""
     for key, value in config_from_env().items():
         state.app.config.setdefault(key, value)
+    secrets.update(filter(None, (state.app.config["OPENAI_API_KEY"], state.app.config["CHAT_API_TOKEN"])))
+    log.addFilter(REDACTING)
     if uses_demo(state.app.config):
         log.warning(
             "No OPENAI_API_KEY or OPENAI_BASE_URL: the built-in demo model answers. "
@@ -623,6 +917,6 @@ def create_app(config=None):
     app.register_blueprint(chat)
     # Make the SDK clients now, and let the SDK import the parts it loads on first use: the first
     # request would otherwise wait ~50 ms for both.
-    for client in worker_state(app).clients[:1]:
-        client.chat.completions.with_streaming_response  # noqa: B018 (the access is the point)
+    for sdk_client in worker_state(app).sdk_clients[:1]:
+        sdk_client.chat.completions.with_streaming_response  # noqa: B018 (the access is the point)
     return app

@@ -155,12 +155,13 @@ class DiagnosticError(HTTPException):
         self.code, self.error_code, self.headers = status, code, headers or {}
 
 
-def diagnostic(args, config, respond):
+def diagnostic(args, config, relay):
     """Answer POST api/chat?diagnostic=stream&silence=S, =abort, or =report&id=ID (how a stream ended).
 
-    `respond` is app.py's: it relays the script like a model's reply, with the heartbeats, deadlines
-    and client checks of a chat stream. A stream is bounded in time (its script and 30 s) and in
-    number (DIAGNOSTIC_STREAMS per worker), and needs the chat's token, checked before this is called.
+    `relay(stream, config, release)` is app.py's: it relays the script like a model's reply, with
+    the heartbeats, deadlines and client checks of a chat stream. A stream is bounded in time (its
+    script and 30 s) and in number (DIAGNOSTIC_STREAMS per worker), and needs the chat's token,
+    checked before this is called.
     """
     kind = args.get("diagnostic")
     if kind == "report":
@@ -184,7 +185,7 @@ def diagnostic(args, config, respond):
         stream = DiagnosticStream(silence, heartbeat)
         limit = TICKS * TICK_SECONDS + silence + 30
         bounds = {**config, "CHAT_FIRST_TOKEN_TIMEOUT": limit, "CHAT_IDLE_TIMEOUT": limit, "CHAT_MAX_DURATION": limit}
-        return respond(stream, bounds, "diagnostic", time.monotonic(), diagnostic_slots.release, watch=stream)
+        return relay(stream, bounds, diagnostic_slots.release)
     except BaseException:
         diagnostic_slots.release()
         raise
@@ -195,7 +196,8 @@ class DiagnosticStream:
 
     The script: one event that says what follows (the stream's id, the worker, the heartbeat), TICKS
     events TICK_SECONDS apart, `silence` seconds with nothing (the relay pings, as for a model that
-    thinks), one last event, the end. When the stream ends, how is recorded for `report`.
+    thinks), one last event, the end. Each is a content event whose text is a line of JSON. When the
+    stream ends, how is recorded for `report`.
     """
 
     reader = "diagnostic"
@@ -222,7 +224,7 @@ class DiagnosticStream:
         self.script.pop(0)
         if not self.script:
             self.finished, self.finish_reason = True, "stop"
-        return [("diagnostic", payload)]
+        return [("content", json.dumps(payload) + "\n")]  # a chat client shows it as lines of JSON
 
     def close(self):
         pass
@@ -390,11 +392,16 @@ class Run:
                     continue
 
     def diagnostics(self):
-        return [
-            (at, value["diagnostic"])
-            for at, value in self.events()
-            if isinstance(value, dict) and "diagnostic" in value
-        ]
+        """(arrival, payload) of the diagnostic stream's events: their content is a line of JSON."""
+        found = []
+        for at, value in self.events():
+            try:
+                payload = json.loads(value["content"])
+            except (TypeError, KeyError, ValueError):
+                continue
+            if isinstance(payload, dict):
+                found.append((at, payload))
+        return found
 
     def about(self):
         """The first event's facts (id, pid, heartbeat, silence), or {} if it never came."""

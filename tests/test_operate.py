@@ -6,6 +6,7 @@ The doctor runs as its users run it (a subprocess, the real CLI) with its silenc
 """
 
 import http.client
+import json
 import os
 import re
 import signal
@@ -18,8 +19,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import API_KEY, ROOT, free_port, open_chat, post_chat, start_gunicorn
-from test_nginx import start_nginx, with_directive
+from chat_client import open_chat, post_chat
+from live_servers import ROOT, Gunicorns, free_port, server_environment, wait_for
+from nginx_server import with_directive
 
 HI = {"messages": [{"role": "user", "content": "Hi"}]}
 TOKEN = "doctor-test-token-0123"
@@ -33,21 +35,6 @@ CHECKS = [
     "client abort",
     "TLS",
 ]
-
-
-def clean_environment(**settings):
-    """This environment without the shell's OPENAI_/CHAT_/PROMETHEUS_ settings, plus `settings`."""
-    keep = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CHAT_", "PROMETHEUS_"))}
-    return {**keep, **settings}
-
-
-def wait_for(condition, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
 
 
 # --- The doctor ---------------------------------------------------------------------------------
@@ -72,7 +59,7 @@ class Diagnosis:
 def doctor(url, *options, token=TOKEN):
     """Run `flask --app app doctor URL --silence 3` as a user does, with the deployment's token."""
     command = [sys.executable, "-m", "flask", "--app", "app", "doctor", url, "--silence", "3", *options]
-    environment = clean_environment(CHAT_API_TOKEN=token)
+    environment = server_environment({"CHAT_API_TOKEN": token})
     result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=90)
     diagnosis = Diagnosis(result)
     print(diagnosis.output)
@@ -80,26 +67,27 @@ def doctor(url, *options, token=TOKEN):
     return diagnosis
 
 
-def doctor_gunicorn_env(heartbeat):
-    return {"CHAT_HEARTBEAT_SECONDS": str(heartbeat), "CHAT_API_TOKEN": TOKEN}
+def with_heartbeat(seconds):
+    return {"CHAT_HEARTBEAT_SECONDS": str(seconds), "CHAT_API_TOKEN": TOKEN}
 
 
 @pytest.fixture(scope="module")
-def doctor_gunicorn(fake_upstream_server, tmp_path_factory):
+def gunicorns(fake_upstream_server, tmp_path_factory):
+    """This module's gunicorns, stopped when it ends."""
+    with Gunicorns(tmp_path_factory, fake_upstream_server.url) as gunicorns:
+        yield gunicorns
+
+
+@pytest.fixture(scope="module")
+def doctor_gunicorn(gunicorns):
     """Two workers, heartbeats every second, a token: what the doctor is pointed at through nginx."""
-    env = {"OPENAI_BASE_URL": fake_upstream_server.url, "OPENAI_API_KEY": API_KEY, **doctor_gunicorn_env(1)}
-    server = start_gunicorn("gunicorn-doctor", tmp_path_factory, env, extra_args=("-w", "2"))
-    yield server
-    server.stop()
+    return gunicorns.start(with_heartbeat(1), name="gunicorn-doctor", workers=2)
 
 
 @pytest.fixture(scope="module")
-def slow_heartbeat_gunicorn(fake_upstream_server, tmp_path_factory):
+def slow_heartbeat_gunicorn(gunicorns):
     """Heartbeats every 2.5 s: longer than the 2 s read timeout of the broken nginx below."""
-    env = {"OPENAI_BASE_URL": fake_upstream_server.url, "OPENAI_API_KEY": API_KEY, **doctor_gunicorn_env(2.5)}
-    server = start_gunicorn("gunicorn-slow-heartbeat", tmp_path_factory, env)
-    yield server
-    server.stop()
+    return gunicorns.start(with_heartbeat(2.5), name="gunicorn-slow-heartbeat")
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +111,9 @@ def with_tls(port, cert, key):
 
 BUFFERED_AND_GZIPPED = [  # nginx's defaults in the location, and gzip for text/event-stream
     with_directive("gzip_types text/css", "gzip_types text/event-stream text/css"),
-    with_directive("location = /api/chat {", "location = /api/chat {\n proxy_ignore_headers X-Accel-Buffering;"),
+    with_directive(
+        "location ~ ^/api/(ui-)?chat$ {", "location ~ ^/api/(ui-)?chat$ {\n proxy_ignore_headers X-Accel-Buffering;"
+    ),
     with_directive("proxy_buffering off;", "proxy_buffering on;"),
     with_directive("            gzip off;", "            gzip on;"),
 ]
@@ -131,15 +121,12 @@ SHORT_READ_TIMEOUT = with_directive("proxy_read_timeout 300s;", "proxy_read_time
 ABORT_IGNORED = with_directive("proxy_ignore_client_abort off;", "proxy_ignore_client_abort on;")
 
 
-def test_doctor_passes_the_shipped_config_with_tls_and_http2(doctor_gunicorn, certificate, upstream, tmp_path_factory):
+def test_doctor_passes_the_shipped_config_with_tls_and_http2(doctor_gunicorn, certificate, upstream, start_nginx):
     """Every check passes through nginx.conf as deployed (TLS and http2 added as the README says), with
     two workers: the abort check's report is answered by whichever worker, from the shared directory."""
     port = free_port()
-    server = start_nginx("nginx-doctor-tls", tmp_path_factory, [doctor_gunicorn], [with_tls(port, *certificate)])
-    try:
-        diagnosis = doctor(f"https://127.0.0.1:{port}/", "--cafile", str(certificate[0]))
-    finally:
-        server.stop()
+    start_nginx("nginx-doctor-tls", [doctor_gunicorn], [with_tls(port, *certificate)])
+    diagnosis = doctor(f"https://127.0.0.1:{port}/", "--cafile", str(certificate[0]))
 
     assert diagnosis.failed() == [], diagnosis.output
     assert diagnosis.returncode == 0
@@ -160,12 +147,8 @@ def test_doctor_without_the_token_is_refused(doctor_gunicorn):
     assert "HTTP 401" in diagnosis.checks["client abort"][1]
 
 
-def test_doctor_finds_buffering_and_gzip(doctor_gunicorn, tmp_path_factory):
-    server = start_nginx("nginx-doctor-buffered", tmp_path_factory, [doctor_gunicorn], BUFFERED_AND_GZIPPED)
-    try:
-        diagnosis = doctor(server.url)
-    finally:
-        server.stop()
+def test_doctor_finds_buffering_and_gzip(doctor_gunicorn, start_nginx):
+    diagnosis = doctor(start_nginx("nginx-doctor-buffered", [doctor_gunicorn], BUFFERED_AND_GZIPPED).url)
 
     assert diagnosis.verdicts()["not buffered"] == "FAIL"
     assert "proxy_buffering off" in diagnosis.checks["not buffered"][1]
@@ -180,15 +163,11 @@ def test_doctor_finds_buffering_and_gzip(doctor_gunicorn, tmp_path_factory):
     [("slow_heartbeat_gunicorn", "FAIL"), ("doctor_gunicorn", "PASS")],
     ids=["heartbeat-above-the-timeout", "heartbeat-below-the-timeout"],
 )
-def test_doctor_finds_a_read_timeout_shorter_than_the_silence(app_server, verdict, request, tmp_path_factory):
+def test_doctor_finds_a_read_timeout_shorter_than_the_silence(app_server, verdict, request, start_nginx):
     """proxy_read_timeout 2s and a silence of 3 s: cut when the app pings every 2.5 s; held when it
     pings every second (the check asks what a real stream needs, not the bare timeout)."""
     app = request.getfixturevalue(app_server)
-    server = start_nginx(f"nginx-doctor-short-{verdict}", tmp_path_factory, [app], [SHORT_READ_TIMEOUT])
-    try:
-        diagnosis = doctor(server.url)
-    finally:
-        server.stop()
+    diagnosis = doctor(start_nginx("nginx-doctor-short", [app], [SHORT_READ_TIMEOUT]).url)
 
     assert diagnosis.verdicts()["silence of 3 s"] == verdict
     assert diagnosis.verdicts()["heartbeat"] == verdict
@@ -198,12 +177,8 @@ def test_doctor_finds_a_read_timeout_shorter_than_the_silence(app_server, verdic
     assert diagnosis.verdicts()["not buffered"] == "PASS"
 
 
-def test_doctor_finds_proxy_ignore_client_abort(doctor_gunicorn, tmp_path_factory):
-    server = start_nginx("nginx-doctor-abort-ignored", tmp_path_factory, [doctor_gunicorn], [ABORT_IGNORED])
-    try:
-        diagnosis = doctor(server.url)
-    finally:
-        server.stop()
+def test_doctor_finds_proxy_ignore_client_abort(doctor_gunicorn, start_nginx):
+    diagnosis = doctor(start_nginx("nginx-doctor-abort-ignored", [doctor_gunicorn], [ABORT_IGNORED]).url)
 
     assert diagnosis.verdicts()["client abort"] == "FAIL"
     assert "proxy_ignore_client_abort off" in diagnosis.checks["client abort"][1]
@@ -215,12 +190,9 @@ def test_doctor_finds_proxy_ignore_client_abort(doctor_gunicorn, tmp_path_factor
 
 
 @pytest.fixture(scope="module")
-def one_worker(fake_upstream_server, tmp_path_factory):
+def one_worker(gunicorns):
     """One worker (the bound on diagnostic streams is per worker), heartbeats every second, a token."""
-    env = {"OPENAI_BASE_URL": fake_upstream_server.url, "OPENAI_API_KEY": API_KEY, **doctor_gunicorn_env(1)}
-    server = start_gunicorn("gunicorn-diagnostic", tmp_path_factory, env)
-    yield server
-    server.stop()
+    return gunicorns.start(with_heartbeat(1), name="gunicorn-diagnostic")
 
 
 def post(server, path, token=TOKEN):
@@ -278,16 +250,21 @@ def test_diagnostic_streams_are_bounded_per_worker(one_worker):
 
 
 def test_diagnostic_stream_follows_its_script_and_ends(one_worker, upstream):
+    """Content events whose text is a line of JSON: what follows, 10 ticks, the silence with the relay's
+    pings in it, one last event, the native end. No model is called."""
     connection, response = post(one_worker, "/api/chat?diagnostic=stream&silence=1.5")
     body = response.read().decode()
     connection.close()
 
     assert response.status == 200
     assert body.startswith(": ok\n")
-    assert body.count('"tick"') == 10
-    assert ": ping\n" in body.split('"tick": 10')[1]  # the relay's heartbeat, in the silence
-    assert '"after_silence": 1.5' in body
-    assert body.endswith('data: {"content": "", "finish_reason": "stop", "usage": null}\n\ndata: [DONE]\n\n')
+    lines = [line for line in body.split("\n") if line]
+    script = [json.loads(json.loads(line[6:])["content"]) for line in lines[1:-2] if line.startswith("data: ")]
+    assert script[0]["heartbeat"] == 1 and script[0]["silence"] == 1.5 and script[0]["id"]
+    assert script[1:] == [{"tick": i} for i in range(1, 11)] + [{"after_silence": 1.5}]
+    silence = lines[lines.index('data: {"content": "{\\"tick\\": 10}\\n"}') + 1 : -3]
+    assert silence == [": ping"]  # the relay's heartbeat (1 s) in the 1.5 s silence
+    assert lines[-2:] == ['data: {"content": "", "finish_reason": "stop", "usage": null}', "data: [DONE]"]
     assert upstream.received == []
 
 
@@ -295,13 +272,9 @@ def test_diagnostic_stream_follows_its_script_and_ends(one_worker, upstream):
 
 
 @pytest.fixture(scope="module")
-def metrics_gunicorn(fake_upstream_server, tmp_path_factory):
-    """Two workers with CHAT_METRICS on, and no SDK retries (one refusal per request)."""
-    env = {"OPENAI_BASE_URL": fake_upstream_server.url, "OPENAI_API_KEY": API_KEY}
-    env.update(CHAT_METRICS="1", CHAT_UPSTREAM_RETRIES="0")
-    server = start_gunicorn("gunicorn-metrics", tmp_path_factory, env, extra_args=("-w", "2"))
-    yield server
-    server.stop()
+def metrics_gunicorn(gunicorns):
+    """Two workers with CHAT_METRICS on, and no retries (one refusal per request)."""
+    return gunicorns.start({"CHAT_METRICS": "1", "CHAT_UPSTREAM_RETRIES": "0"}, name="gunicorn-metrics", workers=2)
 
 
 def scrape(server, source="127.0.0.1"):
@@ -451,7 +424,7 @@ print(metrics.get_data(as_text=True))
 def test_with_metrics_off_prometheus_client_is_never_imported(setting, status, imported):
     """A stream and an error with CHAT_METRICS unset or 0 load nothing of prometheus_client; set to 1,
     the same process counts them (one process, no multiprocess directory: its own figures)."""
-    environment = clean_environment(**({"CHAT_METRICS": setting} if setting else {}))
+    environment = server_environment({"CHAT_METRICS": setting} if setting else {})
     command = [sys.executable, "-c", IMPORTS_WHEN_STREAMING]
     result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=60)
 
@@ -463,19 +436,16 @@ def test_with_metrics_off_prometheus_client_is_never_imported(setting, status, i
         assert 'chat_request_errors_total{code="invalid_request",status="400"} 1.0' in rest
 
 
-def test_nginx_lets_only_this_machine_read_metrics(metrics_gunicorn, tmp_path_factory, upstream):
+def test_nginx_lets_only_this_machine_read_metrics(metrics_gunicorn, start_nginx):
     """From 127.0.0.1 through nginx: the figures; from 127.0.0.2 (another address, as anyone outside
     is): 403, while the rest of the app still answers it."""
-    server = start_nginx("nginx-metrics", tmp_path_factory, [metrics_gunicorn])
-    try:
-        assert "chat_streams_open" in {name for name, _ in scrape(server)}
-        statuses = {}
-        for path in ("/metrics", "/healthz"):
-            outside = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10, source_address=("127.0.0.2", 0))
-            outside.request("GET", path)
-            statuses[path] = outside.getresponse().status
-            outside.close()
-    finally:
-        server.stop()
+    server = start_nginx("nginx-metrics", [metrics_gunicorn])
+    assert "chat_streams_open" in {name for name, _ in scrape(server)}
+    statuses = {}
+    for path in ("/metrics", "/healthz"):
+        outside = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10, source_address=("127.0.0.2", 0))
+        outside.request("GET", path)
+        statuses[path] = outside.getresponse().status
+        outside.close()
 
     assert statuses == {"/metrics": 403, "/healthz": 200}

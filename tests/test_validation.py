@@ -6,7 +6,7 @@ import logging
 import pytest
 
 from app import create_app
-from conftest import API_KEY
+from fake_upstream import API_KEY
 
 
 @pytest.fixture
