@@ -9,6 +9,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from chat_client import open_chat, post_chat
-from live_servers import ROOT, Gunicorns, free_port, server_environment, wait_for
+from live_servers import ROOT, Gunicorns, free_port, server_environment, unavailable, wait_for
 from nginx_server import with_directive
 
 HI = {"messages": [{"role": "user", "content": "Hi"}]}
@@ -93,6 +94,8 @@ def slow_heartbeat_gunicorn(gunicorns):
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory):
     """A self-signed certificate for 127.0.0.1, made with openssl: (certificate, key)."""
+    if shutil.which("openssl") is None:
+        unavailable("openssl is not installed (apt-get install openssl; .ci/run does)")
     directory = tmp_path_factory.mktemp("tls")
     cert, key = directory / "cert.pem", directory / "key.pem"
     command = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
