@@ -252,8 +252,11 @@ def save_record(record):
         return
     old = time.time() - RECORD_SECONDS
     for entry in os.scandir(directory):
-        if entry.name.startswith("diagnostic-") and entry.stat().st_mtime < old:
-            os.remove(entry.path)
+        try:
+            if entry.name.startswith("diagnostic-") and entry.stat().st_mtime < old:
+                os.remove(entry.path)
+        except FileNotFoundError:  # another worker removed it first
+            pass
     path = record_path(record["id"])
     with open(f"{path}.{os.getpid()}", "w") as file:
         json.dump(record, file)

@@ -318,14 +318,18 @@ def send_at_once(url, count, body=HI):
 
 def test_metrics_add_up_across_two_workers(metrics_gunicorn, upstream):
     """Streams, errors and refusals served by both workers; every scrape, whichever worker answers,
-    shows the totals of both."""
+    shows the totals of both (counted from what this test sends, over what the server had already)."""
+    before, logged = scrape(metrics_gunicorn), streams_per_worker(metrics_gunicorn)
     upstream.reset(tokens=[f"t{i} " for i in range(5)], delay=0.02)
     sent = 0
-    while len(streams_per_worker(metrics_gunicorn)) < 2 and sent < 96:
+    while sent < 96 and not all(
+        streams_per_worker(metrics_gunicorn).get(pid, 0) > logged.get(pid, 0) for pid in workers(metrics_gunicorn)
+    ):
         assert [reply.data[-1] for reply in send_at_once(metrics_gunicorn.url, 12)] == ["[DONE]"] * 12
         sent += 12
-        wait_for(lambda sent=sent: sum(streams_per_worker(metrics_gunicorn).values()) >= sent)
-    assert len(streams_per_worker(metrics_gunicorn)) == 2, "every stream went to one worker"
+        wait_for(lambda sent=sent: sum(streams_per_worker(metrics_gunicorn).values()) >= sum(logged.values()) + sent)
+    served = {pid: count - logged.get(pid, 0) for pid, count in streams_per_worker(metrics_gunicorn).items()}
+    assert len([count for count in served.values() if count > 0]) == 2, f"every stream went to one worker: {served}"
 
     upstream.reset(tokens=["a"], reasoning=["hmm "])
     assert [reply.data[-1] for reply in send_at_once(metrics_gunicorn.url, 4)] == ["[DONE]"] * 4
@@ -336,7 +340,7 @@ def test_metrics_add_up_across_two_workers(metrics_gunicorn, upstream):
     assert [reply.status for reply in send_at_once(metrics_gunicorn.url, 3, {"messages": []})] == [400] * 3
 
     done = sent + 4
-    expected = {
+    added = {
         ("chat_streams_ended_total", (("code", "stop"), ("outcome", "done"))): done,
         ("chat_streams_ended_total", (("code", "upstream_cut"), ("outcome", "error"))): 1,
         ("chat_time_to_first_content_seconds_count", ()): done + 1,
@@ -349,14 +353,21 @@ def test_metrics_add_up_across_two_workers(metrics_gunicorn, upstream):
         ("chat_request_errors_total", (("code", "invalid_request"), ("status", "400"))): 3,
         ("chat_streams_open", ()): 0,
     }
+    expected = {key: before.get(key, 0.0) + value for key, value in added.items()}
 
     def scraped():
         samples = scrape(metrics_gunicorn)
         return {key: samples.get(key, 0.0) for key in expected}
 
     assert wait_for(lambda: scraped() == expected), f"{scraped()} != {expected}"
-    print(f"streams per worker: {streams_per_worker(metrics_gunicorn)}")
+    print(f"streams per worker: {served}")
     assert [scraped() for _ in range(6)] == [expected] * 6
+
+
+def workers(server):
+    """The pids of a gunicorn's workers: its master's children."""
+    master = server.process.pid
+    return Path(f"/proc/{master}/task/{master}/children").read_text().split()
 
 
 def socket_count(pid):
@@ -385,9 +396,7 @@ def test_open_streams_add_up_and_a_killed_worker_drops_out(metrics_gunicorn, ups
     assert wait_for(lambda: len(upstream.received) == 8)
     assert wait_for(lambda: sample(scrape(metrics_gunicorn), "chat_streams_open") == 8)
 
-    master = metrics_gunicorn.process.pid
-    workers = Path(f"/proc/{master}/task/{master}/children").read_text().split()
-    busiest = max(workers, key=socket_count)
+    busiest = max(workers(metrics_gunicorn), key=socket_count)
     os.kill(int(busiest), signal.SIGKILL)
     assert wait_for(lambda: len(ended) > 0, timeout=3)
     time.sleep(0.5)  # every stream of the killed worker has been cut by now
