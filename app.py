@@ -11,9 +11,13 @@ Run it:   gunicorn -c gunicorn.conf.py 'app:create_app()'    (production: gevent
 Mount it: from app import chat; other_app.register_blueprint(chat, url_prefix="/assistant")
 """
 
+import base64
+import binascii
+import contextlib
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import select
@@ -22,9 +26,10 @@ import threading
 import time
 import uuid
 
+import gevent
 import openai
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
-from gevent.monkey import get_original
+from gevent.monkey import get_original, is_module_patched
 from greenlet import GreenletExit  # how gevent stops a stream that outlives the worker's graceful_timeout
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
@@ -46,7 +51,11 @@ DEFAULTS = {
     "CHAT_MAX_DURATION": 600.0,  # seconds a whole reply may take
     "CHAT_SEND_TIMEOUT": 30.0,  # seconds a client may take no bytes before its stream is ended
     "CHAT_MAX_BODY_BYTES": 1_048_576,  # larger request bodies get 413 (nginx.conf says the same)
+    "CHAT_BODY_TIMEOUT": 10.0,  # seconds a request body may take to arrive; then 408 (under gevent workers)
     "CHAT_MAX_MESSAGES": 200,  # longer conversations get 400
+    "CHAT_MAX_OUTPUT_TOKENS": 4096,  # always sent as the reply's token limit; a request's max_tokens is held to it
+    "CHAT_MAX_IMAGES": 4,  # image parts per request (0: none accepted)
+    "CHAT_MAX_IMAGE_BYTES": 700_000,  # decoded size of one image; its base64 must still fit in CHAT_MAX_BODY_BYTES
     "CHAT_UPSTREAM_RETRIES": 1,  # the SDK's retries of a refused or failed request, before the first byte only
     "CHAT_RETRY_MAX_WAIT": 5.0,  # a 429 asking to wait longer than this goes back to the client at once
     "CHAT_CONNECT_TIMEOUT": 5.0,  # seconds to open a connection to the upstream
@@ -56,14 +65,52 @@ DEFAULTS = {
     "CHAT_DEMO_WORD_SECONDS": 0.05,  # the demo model's pace: slow enough to watch it type
 }
 
-ROLES = {"system", "developer", "user", "assistant"}
-MESSAGE_FIELDS = {"role", "content", "name"}
-REQUEST_FIELDS = {"messages", "model"}
+
+class SettingError(Exception):
+    """A setting the service cannot run with; the message is one sentence naming it."""
+
+
+def in_range(low, high, above=False, kind=(int, float)):
+    """Return a check: a number of `kind` (never a bool) from low (or above it) to high."""
+    return lambda v: isinstance(v, kind) and not isinstance(v, bool) and (v > low if above else v >= low) and v <= high
+
+
+SECONDS = (in_range(0, 86400, above=True), "a number of seconds above 0, at most 86400")
+WAIT = (in_range(0, 3600), "a number of seconds from 0 to 3600")
+COUNT = (in_range(1, math.inf, kind=int), "an integer of at least 1")
+SETTING_RULES = {  # setting: (check, what it must be); checked when the app is created
+    **{key: (lambda v: isinstance(v, str), "a string") for key, v in DEFAULTS.items() if isinstance(v, str)},
+    "CHAT_HEARTBEAT_SECONDS": (in_range(0.1, 3600), "a number of seconds from 0.1 to 3600"),
+    **dict.fromkeys("CHAT_FIRST_TOKEN_TIMEOUT CHAT_IDLE_TIMEOUT CHAT_MAX_DURATION CHAT_SEND_TIMEOUT".split(), SECONDS),
+    **dict.fromkeys("CHAT_CONNECT_TIMEOUT CHAT_BODY_TIMEOUT".split(), SECONDS),
+    **dict.fromkeys("CHAT_RETRY_MAX_WAIT CHAT_DEMO_WORD_SECONDS".split(), WAIT),
+    **dict.fromkeys("CHAT_MAX_BODY_BYTES CHAT_MAX_MESSAGES CHAT_MAX_STREAMS CHAT_MAX_OUTPUT_TOKENS".split(), COUNT),
+    "CHAT_MAX_IMAGE_BYTES": COUNT,
+    "CHAT_UPSTREAM_RETRIES": (in_range(0, 10, kind=int), "an integer from 0 to 10"),
+    "CHAT_MAX_IMAGES": (in_range(0, 1000, kind=int), "an integer from 0 to 1000"),
+}
 
 
 def config_from_env(environ=os.environ):
-    """Read every setting from the environment, cast to the type of its default."""
-    return {key: type(default)(environ.get(key, default)) for key, default in DEFAULTS.items()}
+    """Read every setting from the environment, cast to the type of its default (check_settings judges it)."""
+    return {key: cast(type(default), environ.get(key, default)) for key, default in DEFAULTS.items()}
+
+
+def cast(kind, value):
+    try:
+        return kind(value)
+    except ValueError:
+        return value  # as it is, for check_settings to name
+
+
+def check_settings(config):
+    """Raise SettingError, naming the setting, for a value out of range or of the wrong type."""
+    for key, (check, must_be) in SETTING_RULES.items():
+        if not check(config[key]):
+            shown = "" if key.endswith(("_KEY", "_TOKEN")) else f", not {config[key]!r}"
+            raise SettingError(f"{key} must be {must_be}{shown}.")
+    if config["CHAT_MODEL"] not in allowed_models(config):
+        raise SettingError(f"CHAT_MODEL={config['CHAT_MODEL']!r} must be one of CHAT_MODELS ({config['CHAT_MODELS']}).")
 
 
 def comma_list(value):
@@ -100,14 +147,14 @@ def chat_completion():
     """Validate, open the upstream, then stream: every failure before the first byte is an HTTP status."""
     config = current_app.config
     check_token(config["CHAT_API_TOKEN"])
-    model, messages = parse_chat_request(config)
+    model, messages, params = parse_chat_request(config)
 
     worker = worker_state(current_app)
     if not worker.slots.acquire():
         raise ApiError(503, "too_many_streams", "The server is busy. Please try again shortly.", {"Retry-After": "5"})
     requested_at = time.monotonic()
     try:
-        upstream = open_upstream(worker, config, model, messages)
+        upstream = open_upstream(worker, config, model, messages, params)
     except openai.OpenAIError as exc:
         worker.slots.release()
         raise refusal(exc) from None
@@ -135,16 +182,59 @@ def check_token(token):
         raise ApiError(401, "unauthorized", "Send Authorization: Bearer <token>.", {"WWW-Authenticate": "Bearer"})
 
 
+ROLES = ("system", "developer", "user", "assistant")  # a tuple: `[] in ROLES` is False, `[] in {...}` a TypeError
+MESSAGE_FIELDS = {"role", "content", "name"}
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON may escape one ("\\ud800"); no upstream can be sent it
+
+
+def is_text(value):
+    return isinstance(value, str) and not LONE_SURROGATE.search(value)
+
+
+def is_stop(value):
+    return is_text(value) or (isinstance(value, list) and len(value) <= 4 and all(map(is_text, value)))
+
+
+EFFORTS = ("none", "minimal", "low", "medium", "high")
+# The OpenAI parameters a request may set: name -> (check, what the 400 says it must be).
+PARAMETERS = {
+    "temperature": (in_range(0, 2), "a number from 0 to 2"),
+    "top_p": (in_range(0, 1, above=True), "a number above 0, at most 1"),
+    "max_tokens": (in_range(1, math.inf, kind=int), "an integer of at least 1"),
+    "stop": (is_stop, "a string or a list of up to 4 strings"),
+    "seed": (in_range(-(2**63), 2**63 - 1, kind=int), "a 64-bit integer"),
+    "presence_penalty": (in_range(-2, 2), "a number from -2 to 2"),
+    "frequency_penalty": (in_range(-2, 2), "a number from -2 to 2"),
+    "reasoning_effort": (lambda v: v in EFFORTS, f"one of {', '.join(EFFORTS)}"),
+}
+REQUEST_FIELDS = {"messages", "model", *PARAMETERS}
+IMAGE_URL = re.compile(r"data:image/(png|jpeg|gif|webp);base64,([A-Za-z0-9+/]*={0,2})")
+IMAGE_MAGIC = {"png": b"\x89PNG\r\n\x1a\n", "jpeg": b"\xff\xd8\xff", "gif": b"GIF8", "webp": b"RIFF"}
+
+
+class BodyTimeout(Exception):
+    """The request's body took longer than CHAT_BODY_TIMEOUT to arrive."""
+
+
 def parse_chat_request(config):
-    """Return (model, messages) from the request body, or raise ApiError naming what is wrong."""
+    """Return (model, messages, params) from the request body, or raise ApiError naming what is wrong.
+
+    `params` are the OpenAI parameters to send, the token limit always among them.
+    """
     if request.mimetype != "application/json":
         raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json.")
     limit = request.max_content_length = config["CHAT_MAX_BODY_BYTES"]
+    # A body that trickles in would hold its connection for good: under gevent, cut it at a total time.
+    deadline = gevent.Timeout(config["CHAT_BODY_TIMEOUT"], BodyTimeout) if is_module_patched("socket") else None
     try:
-        data = request.get_data(cache=False)  # 413 at once for a Content-Length over the limit
-        if len(data) == limit:  # a chunked body is cut off at the limit silently: reading on says 413
-            request.stream.read(1)
+        with deadline or contextlib.nullcontext():
+            data = request.get_data(cache=False)  # 413 at once for a Content-Length over the limit
+            if len(data) == limit:  # a chunked body is cut off at the limit silently: reading on says 413
+                request.stream.read(1)
         body = json.loads(data.decode("utf-8"))
+    except BodyTimeout:
+        seconds = config["CHAT_BODY_TIMEOUT"]
+        raise ApiError(408, "body_timeout", f"The body took longer than {seconds:g} s to arrive.") from None
     except RequestEntityTooLarge:
         raise ApiError(413, "body_too_large", f"The body is larger than {limit - 1} bytes.") from None
     except UnicodeDecodeError:
@@ -157,11 +247,17 @@ def parse_chat_request(config):
         raise invalid("The body must be a JSON object.")
     unknown = sorted(set(body) - REQUEST_FIELDS)
     if unknown:
-        raise invalid(f"Unknown field: {unknown[0]}.")
+        raise invalid(f"Unknown field: {unknown[0][:100]}.")
 
     model = body.get("model", config["CHAT_MODEL"])
     if model not in allowed_models(config):
-        raise invalid(f"Unknown model: {str(model)[:100]}. Allowed: {', '.join(allowed_models(config))}.")
+        named = model[:100] if isinstance(model, str) else "not a string"
+        raise invalid(f"Unknown model: {named}. Allowed: {', '.join(allowed_models(config))}.")
+    params = {name: body[name] for name in PARAMETERS if name in body}
+    for name, value in params.items():
+        if not PARAMETERS[name][0](value):
+            raise invalid(f"{name} must be {PARAMETERS[name][1]}.")
+    params["max_tokens"] = min(params.get("max_tokens", math.inf), config["CHAT_MAX_OUTPUT_TOKENS"])
 
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -169,19 +265,61 @@ def parse_chat_request(config):
     if len(messages) > config["CHAT_MAX_MESSAGES"]:
         limit = config["CHAT_MAX_MESSAGES"]
         raise ApiError(400, "too_many_messages", f"The conversation has more than {limit} messages.")
+    images = 0
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise invalid(f"messages[{i}] must be an object.")
         unknown = sorted(set(message) - MESSAGE_FIELDS)
         if unknown:
-            raise invalid(f"messages[{i}] has an unknown field: {unknown[0]}.")
+            raise invalid(f"messages[{i}] has an unknown field: {unknown[0][:100]}.")
         if message.get("role") not in ROLES:
-            raise invalid(f"messages[{i}].role must be one of {', '.join(sorted(ROLES))}.")
-        if not isinstance(message.get("content"), str):
-            raise invalid(f"messages[{i}].content must be a string.")
+            raise invalid(f"messages[{i}].role must be one of {', '.join(ROLES)}.")
+        if "name" in message and not is_text(message["name"]):
+            raise invalid(f"messages[{i}].name must be a string (no lone surrogates).")
+        images += check_content(message.get("content"), f"messages[{i}].content", message["role"], config)
+    if images > config["CHAT_MAX_IMAGES"]:
+        raise invalid(f"The conversation has {images} images; at most {config['CHAT_MAX_IMAGES']} are allowed.")
     if config["CHAT_SYSTEM_PROMPT"]:
         messages = [{"role": "system", "content": config["CHAT_SYSTEM_PROMPT"]}, *messages]
-    return model, messages
+    return model, messages, params
+
+
+def check_content(content, where, role, config):
+    """Check a message's content (a string, or text and image parts) and return how many images it holds."""
+    if is_text(content):
+        return 0
+    if not isinstance(content, list) or not content:
+        raise invalid(f"{where} must be a string (no lone surrogates) or a non-empty list of parts.")
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and part.keys() == {"type", "text"} and is_text(part["text"]):
+            continue
+        image = part.get("image_url") if kind == "image_url" and part.keys() == {"type", "image_url"} else None
+        if not isinstance(image, dict) or not image.keys() <= {"url", "detail"}:
+            raise invalid(f"{where}[{j}] must be a text part or an image_url part.")
+        check_image(image, f"{where}[{j}].image_url", role, config)
+    return sum(part["type"] == "image_url" for part in content)
+
+
+def check_image(image, where, role, config):
+    """Check an image part: a PNG, JPEG, GIF or WebP in a base64 data: URL, within CHAT_MAX_IMAGE_BYTES.
+
+    Only data: URLs: the service never asks an upstream to fetch a URL that a browser chose.
+    """
+    if role != "user":
+        raise invalid(f"{where}: images are accepted in user messages only.")
+    if image.get("detail", "auto") not in ("auto", "low", "high"):
+        raise invalid(f"{where}.detail must be auto, low or high.")
+    found = IMAGE_URL.fullmatch(image["url"]) if isinstance(image.get("url"), str) else None
+    if not found:
+        raise invalid(f"{where}.url must be a data:image/(png|jpeg|gif|webp);base64,... URL.")
+    kind, encoded = found.groups()
+    try:
+        decoded = base64.b64decode(encoded, validate=True)
+    except binascii.Error:
+        raise invalid(f"{where}.url is not valid base64.") from None
+    if len(decoded) > config["CHAT_MAX_IMAGE_BYTES"] or not decoded.startswith(IMAGE_MAGIC[kind]):
+        raise invalid(f"{where} is not a {kind} image of at most {config['CHAT_MAX_IMAGE_BYTES']} bytes.")
 
 
 def invalid(message):
@@ -189,7 +327,7 @@ def invalid(message):
     return ApiError(400, "invalid_request", message)
 
 
-def open_upstream(worker, config, model, messages):
+def open_upstream(worker, config, model, messages, params):
     """Send the request and wait for the upstream's headers, so that a refusal can still be an HTTP status."""
     if uses_demo(config):
         return DemoStream(messages, config["CHAT_DEMO_WORD_SECONDS"])
@@ -198,6 +336,7 @@ def open_upstream(worker, config, model, messages):
         messages=messages,
         stream=True,
         stream_options={"include_usage": True},
+        **params,
     )
     return ModelStream(completion.__enter__())  # sends it; a 4xx/5xx raises here, before our headers
 
@@ -547,6 +686,7 @@ def apply_defaults(state):
     """Fill in settings the host app has not set, and say once if the demo model will answer."""
     for key, value in config_from_env().items():
         state.app.config.setdefault(key, value)
+    check_settings(state.app.config)
     if uses_demo(state.app.config):
         log.warning(
             "No OPENAI_API_KEY or OPENAI_BASE_URL: the built-in demo model answers. "

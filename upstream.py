@@ -278,7 +278,7 @@ class DemoStream:
     reader = "demo"
 
     def __init__(self, messages, seconds_per_word):
-        said = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        said = next((text_of(m["content"]) for m in reversed(messages) if m["role"] == "user"), "")
         said = " ".join(said.split())[:200]
         reply = (
             "Hello! I am the built-in demo model, streaming this reply word by word over "
@@ -286,7 +286,7 @@ class DemoStream:
             "for a local server such as Ollama or vLLM, to talk to a real model."
         )
         self.words = re.findall(r"\S+\s*", reply)
-        self.prompt_words = sum(len(m["content"].split()) for m in messages)
+        self.prompt_words = sum(len(text_of(m["content"]).split()) for m in messages)
         self.seconds_per_word = seconds_per_word
         self.next_word_at = time.monotonic() + seconds_per_word
         self.finished, self.finish_reason, self.usage = False, None, None
@@ -311,6 +311,11 @@ class DemoStream:
 
     def close(self):
         pass
+
+
+def text_of(content):
+    """Return the text of a message's content: the string, or its text parts (images left out)."""
+    return content if isinstance(content, str) else " ".join(p["text"] for p in content if p["type"] == "text")
 
 
 POOL_STREAMS = 64  # streams per SDK client: httpx's pool scans all its connections as each request starts and ends

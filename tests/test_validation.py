@@ -1,5 +1,6 @@
 """Bad input gets a 4xx JSON error naming the problem, before any stream and without an upstream call."""
 
+import base64
 import json
 import logging
 
@@ -19,7 +20,71 @@ def ok_body(**changes):
     return json.dumps({"messages": [{"role": "user", "content": "Hi"}], **changes}).encode()
 
 
+def with_message(**fields):
+    """A body whose one message has these fields (on top of a user's "Hi")."""
+    return ok_body(messages=[{"role": "user", "content": "Hi", **fields}])
+
+
+def image(data=b"\x89PNG\r\n\x1a\n" + bytes(24), media_type="image/png", **fields):
+    """An image part holding `data` in a data: URL."""
+    url = f"data:{media_type};base64,{base64.b64encode(data).decode()}"
+    return {"type": "image_url", "image_url": {"url": url, **fields}}
+
+
 MAX_BODY = 1_048_576
+MAX_IMAGE = 700_000
+
+# (parameter, a value it refuses); the 400 names the parameter.
+BAD_PARAMETERS = [
+    ("temperature", 2.01),
+    ("temperature", -0.1),
+    ("temperature", True),
+    ("temperature", "1"),
+    ("temperature", None),
+    ("top_p", 0),
+    ("top_p", 1.5),
+    ("max_tokens", 0),
+    ("max_tokens", 1.5),
+    ("max_tokens", False),
+    ("stop", ["a", "b", "c", "d", "e"]),
+    ("stop", [1]),
+    ("stop", {"s": "x"}),
+    ("stop", "\ud800"),
+    ("seed", 1.0),
+    ("seed", 2**64),
+    ("seed", True),
+    ("presence_penalty", 2.5),
+    ("frequency_penalty", -3),
+    ("frequency_penalty", [0]),
+    ("reasoning_effort", "extreme"),
+    ("reasoning_effort", ["low"]),
+]
+
+# (id, message fields, words the message must contain): content parts, images, names, roles.
+BAD_MESSAGES = [
+    ("role unhashable", {"role": []}, "messages[0].role"),
+    ("role an object", {"role": {"a": 1}}, "messages[0].role"),
+    ("lone surrogate in content", {"content": "Hi \ud800"}, "messages[0].content"),
+    ("name an object", {"name": {"a": 1}}, "messages[0].name"),
+    ("lone surrogate in name", {"name": "\udfff"}, "messages[0].name"),
+    ("content empty list", {"content": []}, "messages[0].content"),
+    ("content a list of strings", {"content": ["Hi"]}, "messages[0].content[0]"),
+    ("text part without text", {"content": [{"type": "text"}]}, "messages[0].content[0]"),
+    ("text part not a string", {"content": [{"type": "text", "text": 5}]}, "messages[0].content[0]"),
+    ("surrogate in a text part", {"content": [{"type": "text", "text": "\ud800"}]}, "messages[0].content[0]"),
+    ("unknown part type", {"content": [{"type": "audio", "audio": "x"}]}, "messages[0].content[0]"),
+    ("extra field in a part", {"content": [{"type": "text", "text": "Hi", "x": 1}]}, "messages[0].content[0]"),
+    ("image url not a data url", {"content": [image() | {"image_url": {"url": "https://x.test/a.png"}}]}, "data:"),
+    ("image of another type", {"content": [image(media_type="image/svg+xml")]}, "data:"),
+    ("image not base64", {"content": [image() | {"image_url": {"url": "data:image/png;base64,!!!!"}}]}, "data:"),
+    ("image bad padding", {"content": [image() | {"image_url": {"url": "data:image/png;base64,iVBORw0"}}]}, "base64"),
+    ("image not what it says", {"content": [image(b"GIF89a" + bytes(20))]}, "not a png image"),
+    ("image too large", {"content": [image(b"\x89PNG\r\n\x1a\n" + bytes(MAX_IMAGE))]}, "at most 700000 bytes"),
+    ("image bad detail", {"content": [image(detail="huge")]}, "detail"),
+    ("image unknown field", {"content": [image(alt="x")]}, "messages[0].content[0]"),
+    ("image from the assistant", {"role": "assistant", "content": [image()]}, "user messages only"),
+    ("too many images", {"content": [image()] * 5}, "at most 4"),
+]
 
 CASES = [
     # (id, method, body bytes, content type, status, code, words the message must contain)
@@ -158,12 +223,20 @@ CASES = [
     (
         "unknown top-level field",
         "POST",
-        ok_body(temperature=2),
+        ok_body(logit_bias={"1": 2}),
         "application/json",
         400,
         "invalid_request",
-        "Unknown field: temperature",
+        "Unknown field: logit_bias",
     ),
+    *[
+        (f"{name}={value!r}", "POST", ok_body(**{name: value}), "application/json", 400, "invalid_request", name)
+        for name, value in BAD_PARAMETERS
+    ],
+    *[
+        (case, "POST", with_message(**fields), "application/json", 400, "invalid_request", words)
+        for case, fields, words in BAD_MESSAGES
+    ],
     ("GET", "GET", b"", None, 405, "method_not_allowed", "POST"),
     ("PUT", "PUT", ok_body(), "application/json", 405, "method_not_allowed", "POST"),
     ("DELETE", "DELETE", b"", None, 405, "method_not_allowed", "POST"),
