@@ -12,8 +12,6 @@ Mount it: from app import chat; other_app.register_blueprint(chat, url_prefix="/
 """
 
 import base64
-import binascii
-import contextlib
 import hmac
 import json
 import logging
@@ -25,6 +23,7 @@ import socket
 import threading
 import time
 import uuid
+from email.utils import parsedate_to_datetime
 
 import gevent
 import openai
@@ -33,7 +32,16 @@ from gevent.monkey import get_original, is_module_patched
 from greenlet import GreenletExit  # how gevent stops a stream that outlives the worker's graceful_timeout
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from upstream import SOCKET_BUFFER, DemoStream, ModelStream, StreamTimeout, UpstreamError, make_openai_clients
+from upstream import (
+    SOCKET_BUFFER,
+    ClientLeft,
+    DemoStream,
+    ModelStream,
+    StreamTimeout,
+    UpstreamError,
+    make_openai_clients,
+    watching,
+)
 
 log = logging.getLogger("chat")
 
@@ -63,6 +71,10 @@ DEFAULTS = {
     "CHAT_API_TOKEN": "",  # when set, /api/chat wants "Authorization: Bearer <token>"
     "CHAT_CORS_ORIGINS": "",  # comma-separated origins allowed to call /api/chat from a browser; empty: none
     "CHAT_DEMO_WORD_SECONDS": 0.05,  # the demo model's pace: slow enough to watch it type
+    "CHAT_REASONING": "show",  # show: relay a reasoning model's thinking; hide: keep it from the client
+    "CHAT_STREAM_USAGE": "auto",  # ask for usage (stream_options); auto: stop asking a server that refuses it
+    "CHAT_MAX_TOKENS_FIELD": "auto",  # max_tokens or max_completion_tokens; auto: the latter for OpenAI only
+    "CHAT_EXTRA_BODY": "",  # a JSON object merged into every upstream request, e.g. {"chat_template_kwargs": ...}
 }
 
 
@@ -73,6 +85,18 @@ class SettingError(Exception):
 def in_range(low, high, above=False, kind=(int, float)):
     """Return a check: a number of `kind` (never a bool) from low (or above it) to high."""
     return lambda v: isinstance(v, kind) and not isinstance(v, bool) and (v > low if above else v >= low) and v <= high
+
+
+def one_of(*choices):
+    """Return a check that a value is one of `choices`, and what it must be."""
+    return lambda v: v in choices, f"one of {', '.join(choices)}"  # a tuple: `[] in` it is False, not a TypeError
+
+
+def json_object(text):
+    try:
+        return isinstance(json.loads(text or "{}"), dict)
+    except (TypeError, ValueError):
+        return False
 
 
 SECONDS = (in_range(0, 86400, above=True), "a number of seconds above 0, at most 86400")
@@ -88,11 +112,15 @@ SETTING_RULES = {  # setting: (check, what it must be); checked when the app is 
     "CHAT_MAX_IMAGE_BYTES": COUNT,
     "CHAT_UPSTREAM_RETRIES": (in_range(0, 10, kind=int), "an integer from 0 to 10"),
     "CHAT_MAX_IMAGES": (in_range(0, 1000, kind=int), "an integer from 0 to 1000"),
+    "CHAT_REASONING": one_of("show", "hide"),
+    "CHAT_STREAM_USAGE": one_of("auto", "on", "off"),
+    "CHAT_MAX_TOKENS_FIELD": one_of("auto", "max_tokens", "max_completion_tokens"),
+    "CHAT_EXTRA_BODY": (json_object, "a JSON object"),
 }
 
 
 def config_from_env(environ=os.environ):
-    """Read every setting from the environment, cast to the type of its default (check_settings judges it)."""
+    """Read every setting from the environment, cast to the type of its default where it can be."""
     return {key: cast(type(default), environ.get(key, default)) for key, default in DEFAULTS.items()}
 
 
@@ -100,7 +128,7 @@ def cast(kind, value):
     try:
         return kind(value)
     except ValueError:
-        return value  # as it is, for check_settings to name
+        return value  # left as it is: check_settings names it
 
 
 def check_settings(config):
@@ -153,17 +181,17 @@ def chat_completion():
     if not worker.slots.acquire():
         raise ApiError(503, "too_many_streams", "The server is busy. Please try again shortly.", {"Retry-After": "5"})
     requested_at = time.monotonic()
+    client = Client(request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket"), config)
     try:
-        upstream = open_upstream(worker, config, model, messages, params)
-    except openai.OpenAIError as exc:
+        upstream = open_upstream(worker, config, model, messages, params, client)
+    except (openai.OpenAIError, ClientLeft) as exc:
         worker.slots.release()
-        raise refusal(exc) from None
+        raise refusal(exc, model) from None
     except BaseException:
         worker.slots.release()  # any other failure (a bug, a worker stopping) must not keep the slot either
         raise
 
     stream_id = request_id()
-    client = Client(request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket"), config)
     events = EventStream()
     response = Response(
         relay(upstream, events, client, config, stream_id, model, requested_at),
@@ -182,7 +210,7 @@ def check_token(token):
         raise ApiError(401, "unauthorized", "Send Authorization: Bearer <token>.", {"WWW-Authenticate": "Bearer"})
 
 
-ROLES = ("system", "developer", "user", "assistant")  # a tuple: `[] in ROLES` is False, `[] in {...}` a TypeError
+ROLES = ("system", "developer", "user", "assistant")  # a tuple: `[] in ROLES` is False, not a TypeError
 MESSAGE_FIELDS = {"role", "content", "name"}
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON may escape one ("\\ud800"); no upstream can be sent it
 
@@ -195,7 +223,6 @@ def is_stop(value):
     return is_text(value) or (isinstance(value, list) and len(value) <= 4 and all(map(is_text, value)))
 
 
-EFFORTS = ("none", "minimal", "low", "medium", "high")
 # The OpenAI parameters a request may set: name -> (check, what the 400 says it must be).
 PARAMETERS = {
     "temperature": (in_range(0, 2), "a number from 0 to 2"),
@@ -205,7 +232,7 @@ PARAMETERS = {
     "seed": (in_range(-(2**63), 2**63 - 1, kind=int), "a 64-bit integer"),
     "presence_penalty": (in_range(-2, 2), "a number from -2 to 2"),
     "frequency_penalty": (in_range(-2, 2), "a number from -2 to 2"),
-    "reasoning_effort": (lambda v: v in EFFORTS, f"one of {', '.join(EFFORTS)}"),
+    "reasoning_effort": one_of("none", "minimal", "low", "medium", "high"),
 }
 REQUEST_FIELDS = {"messages", "model", *PARAMETERS}
 IMAGE_URL = re.compile(r"data:image/(png|jpeg|gif|webp);base64,([A-Za-z0-9+/]*={0,2})")
@@ -217,24 +244,20 @@ class BodyTimeout(Exception):
 
 
 def parse_chat_request(config):
-    """Return (model, messages, params) from the request body, or raise ApiError naming what is wrong.
-
-    `params` are the OpenAI parameters to send, the token limit always among them.
-    """
+    """Return (model, messages, parameters to send) from the body, or raise ApiError naming what is wrong."""
     if request.mimetype != "application/json":
         raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json.")
     limit = request.max_content_length = config["CHAT_MAX_BODY_BYTES"]
     # A body that trickles in would hold its connection for good: under gevent, cut it at a total time.
-    deadline = gevent.Timeout(config["CHAT_BODY_TIMEOUT"], BodyTimeout) if is_module_patched("socket") else None
+    seconds = config["CHAT_BODY_TIMEOUT"] if is_module_patched("socket") else None  # None: no timer at all
     try:
-        with deadline or contextlib.nullcontext():
+        with gevent.Timeout(seconds, BodyTimeout):
             data = request.get_data(cache=False)  # 413 at once for a Content-Length over the limit
             if len(data) == limit:  # a chunked body is cut off at the limit silently: reading on says 413
                 request.stream.read(1)
         body = json.loads(data.decode("utf-8"))
     except BodyTimeout:
-        seconds = config["CHAT_BODY_TIMEOUT"]
-        raise ApiError(408, "body_timeout", f"The body took longer than {seconds:g} s to arrive.") from None
+        raise ApiError(408, "body_timeout", f"The body was not all sent within {seconds:g} s.") from None
     except RequestEntityTooLarge:
         raise ApiError(413, "body_too_large", f"The body is larger than {limit - 1} bytes.") from None
     except UnicodeDecodeError:
@@ -316,7 +339,7 @@ def check_image(image, where, role, config):
     kind, encoded = found.groups()
     try:
         decoded = base64.b64decode(encoded, validate=True)
-    except binascii.Error:
+    except ValueError:  # binascii.Error: the padding is wrong
         raise invalid(f"{where}.url is not valid base64.") from None
     if len(decoded) > config["CHAT_MAX_IMAGE_BYTES"] or not decoded.startswith(IMAGE_MAGIC[kind]):
         raise invalid(f"{where} is not a {kind} image of at most {config['CHAT_MAX_IMAGE_BYTES']} bytes.")
@@ -327,43 +350,113 @@ def invalid(message):
     return ApiError(400, "invalid_request", message)
 
 
-def open_upstream(worker, config, model, messages, params):
-    """Send the request and wait for the upstream's headers, so that a refusal can still be an HTTP status."""
+def open_upstream(worker, config, model, messages, params, client):
+    """Send the request and wait for the upstream's headers, so that a refusal can still be an HTTP status.
+
+    A refused request is sent again up to CHAT_UPSTREAM_RETRIES times, only when nothing was paid for
+    and the wait it asks for is short: never after a timeout (the SDK's own retries are off, as it
+    retries those too). While the headers are awaited, a client that leaves ends the request.
+    """
     if uses_demo(config):
         return DemoStream(messages, config["CHAT_DEMO_WORD_SECONDS"])
-    completion = worker.next_client().chat.completions.with_streaming_response.create(
-        model=model,
-        messages=messages,
-        stream=True,
-        stream_options={"include_usage": True},
-        **params,
-    )
-    return ModelStream(completion.__enter__())  # sends it; a 4xx/5xx raises here, before our headers
+    body = {"model": model, "messages": messages, "stream": True, **params}
+    if worker.stream_usage:
+        body["stream_options"] = {"include_usage": True}
+    extra = json.loads(config["CHAT_EXTRA_BODY"] or "{}")
+    retries = config["CHAT_UPSTREAM_RETRIES"]
+    while True:
+        try:
+            with watching(client, config["CHAT_HEARTBEAT_SECONDS"]):
+                completion = worker.next_client().chat.completions.with_streaming_response.create(
+                    **body, extra_body=extra or None
+                )
+                return ModelStream(completion.__enter__())  # sends it; a 4xx/5xx raises here, before our headers
+        except openai.APIStatusError as exc:
+            if "stream_options" in body and refuses_stream_options(exc, config):
+                log.warning("upstream refuses stream_options: no longer asked for usage (CHAT_STREAM_USAGE)")
+                worker.stream_usage = False
+                del body["stream_options"]
+                continue
+            wait = retry_after(exc.response.headers) or 0.5
+            if retries <= 0 or exc.status_code not in RETRIED or wait > config["CHAT_RETRY_MAX_WAIT"]:
+                raise
+        except openai.APIConnectionError as exc:
+            if retries <= 0 or isinstance(exc, openai.APITimeoutError):
+                raise
+            wait = 0.5
+        retries -= 1
+        log.info("upstream refused; sending again in %.1fs", wait)
+        time.sleep(wait)
+
+
+RETRIED = {429, 500, 502, 503}  # statuses for which nothing was generated; 408 and 504 are timeouts
+
+
+def refuses_stream_options(exc, config):
+    """Tell whether a 400 says the server does not know stream_options (older Azure versions, old Ollama)."""
+    return config["CHAT_STREAM_USAGE"] == "auto" and exc.status_code == 400 and "stream_options" in str(exc.body)
+
+
+def retry_after(headers):
+    """Return the seconds the upstream asks us to wait: retry-after-ms, or Retry-After in seconds or as a date."""
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name, "")
+        try:
+            return max(0.0, float(value) * scale)
+        except ValueError:
+            pass
+    try:
+        return max(0.0, parsedate_to_datetime(headers.get("retry-after", "")).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
 
 
 # An upstream failure, as (status before the stream, code, sentence for a person); by SDK exception
-# or by the upstream's HTTP status. The upstream's own text is passed on only for a 400.
+# or by the upstream's HTTP status. Only a 400's own text is passed on, redacted.
 UPSTREAM_FAILURES = {
+    ClientLeft: (499, "client_gone", "The client left before the model answered."),  # nobody reads it
     openai.APITimeoutError: (504, "upstream_timeout", "The model took too long to answer."),
     openai.APIConnectionError: (502, "upstream_unreachable", "The model could not be reached."),
-    400: (400, "upstream_rejected", None),  # e.g. the conversation is longer than the model's context
+    400: (400, "upstream_rejected", None),
     401: (502, "upstream_auth", "The service could not authenticate with the model."),  # its text may echo the key
     403: (502, "upstream_auth", "The service could not authenticate with the model."),
+    404: (502, "model_not_found", "The model {model} was not found by the service's upstream."),
     429: (429, "rate_limited", "The model is busy. Please try again shortly."),
 }
 OTHER_FAILURE = (502, "upstream_error", "The model failed to answer.")
+TOO_LONG = (400, "context_too_long", "The conversation is too long for the model. Drop the oldest messages.")
+CONTEXT_WORDS = re.compile(r"context.length|context.window|maximum context|too many tokens|prompt is too long", re.I)
+PROXY_PREFIX = re.compile(r"^(?:litellm\.\w+:\s*)?(?:\w+Exception\s*-\s*)?")  # LiteLLM's wrapping of the text
 
 
-def refusal(exc):
-    """Turn the SDK's exception for a refused or failed request into our ApiError, and log it."""
-    key = exc.status_code if isinstance(exc, openai.APIStatusError) else type(exc)
+def refusal(exc, model):
+    """Turn the SDK's exception for a refused or failed request into our ApiError, and log what it said."""
+    if isinstance(exc, openai.APIStatusError):
+        key, said = exc.status_code, upstream_text(exc.body)
+    else:
+        key, said = type(exc), ""
     status, code, message = UPSTREAM_FAILURES.get(key, OTHER_FAILURE)
-    if message is None:
-        body = exc.body if isinstance(exc.body, dict) else {}
-        message = str(body.get("message") or "The model rejected the request.")[:500]
-    retry_after = exc.response.headers.get("Retry-After") if status == 429 else None
-    log.warning("upstream refused: %s %s (%s)", status, code, type(exc).__name__)
-    return ApiError(status, code, message, {"Retry-After": retry_after} if retry_after else None)
+    if key == 400 and (CONTEXT_WORDS.search(said) or "context_length" in str(exc.body)):
+        status, code, message = TOO_LONG
+    message = (message or PROXY_PREFIX.sub("", said) or "The model rejected the request.").format(model=model)[:500]
+    headers = {}
+    if status == 429 and (wait := retry_after(exc.response.headers)) is not None:
+        headers["Retry-After"] = str(math.ceil(wait))
+    log.warning(
+        "upstream refused: %s %s (upstream status=%s request_id=%s): %s",
+        status,
+        code,
+        getattr(exc, "status_code", type(exc).__name__),
+        getattr(exc, "request_id", None),
+        said[:300],
+    )
+    return ApiError(status, code, message, headers)
+
+
+def upstream_text(body):
+    """The message of an upstream error body: the SDK gives its `error` object, or the text."""
+    message = body.get("message") if isinstance(body, dict) else body
+    return message if isinstance(message, str) else ""
 
 
 # --- The relay: upstream deltas in, SSE events out, in one greenlet per stream -------------------
@@ -396,7 +489,9 @@ def relay(upstream, events, client, config, stream_id, model, requested_at):
     """
     started = last_output = last_write = time.monotonic()
     first = {}  # kind of output ("content", "reasoning"): seconds from the request to its first delta
-    outcome, count = None, 0
+    counts = {"content": 0, "reasoning": 0}
+    show = {"content", "reasoning"} if config["CHAT_REASONING"] == "show" else {"content"}
+    outcome = None
     try:
         yield events.opened()
         while not upstream.finished:
@@ -405,11 +500,14 @@ def relay(upstream, events, client, config, stream_id, model, requested_at):
             deltas = upstream.read(min(heartbeat_at, deadline) - time.monotonic())
             now = time.monotonic()
             if deltas:
-                last_output = now
+                last_output = now  # thinking is output too: it resets every deadline but the total
                 for kind, _ in deltas:
                     first.setdefault(kind, now - requested_at)
-                count += len(deltas)
-                data = b"".join([events.delta(kind, text) for kind, text in deltas])  # one write for all
+                    counts[kind] += 1
+                shown = [(kind, text) for kind, text in deltas if kind in show]
+                if not shown:
+                    continue
+                data = b"".join([events.delta(kind, text) for kind, text in shown])  # one write for all
             elif now >= deadline:
                 raise StreamTimeout(DEADLINES[code][1], code)
             elif now >= heartbeat_at:
@@ -433,7 +531,7 @@ def relay(upstream, events, client, config, stream_id, model, requested_at):
         outcome = "timeout" if isinstance(exc, StreamTimeout) else "error"
         if isinstance(exc, UpstreamError):
             code, message = exc.code, str(exc)
-            log.warning("stream %s failed: %s", stream_id, code)
+            log.warning("stream %s failed: %s %s", stream_id, code, exc.detail)
         else:  # a bug of ours, not the upstream's
             code, message = "relay_error", "The reply failed."
             log.exception("stream %s failed: %s", stream_id, code)
@@ -442,16 +540,19 @@ def relay(upstream, events, client, config, stream_id, model, requested_at):
     finally:
         upstream.close()
         usage = upstream.usage if isinstance(upstream.usage, dict) else {}
+        details = usage.get("completion_tokens_details")
+        details = details if isinstance(details, dict) else {}
         log.info(
-            "stream %s model=%s end=%s ttfr=%s ttft=%s duration=%.3fs events=%d tokens=%s reader=%s",
+            "stream %s model=%s end=%s ttfr=%s ttft=%s duration=%.3fs events=%d tokens=%s reasoning=%s reader=%s",
             stream_id,
             model,
             outcome or client.why_closed(),  # left at a yield: the server closed us because a write failed
             seconds(first.get("reasoning")),
             seconds(first.get("content")),
             time.monotonic() - started,
-            count,
-            usage.get("completion_tokens", count),
+            counts["content"],
+            usage.get("completion_tokens", counts["content"] + counts["reasoning"]),
+            details.get("reasoning_tokens", counts["reasoning"]),
             upstream.reader,
         )
 
@@ -595,6 +696,7 @@ class WorkerState:
         self.slots = StreamSlots(config["CHAT_MAX_STREAMS"])
         self.clients = [] if uses_demo(config) else make_openai_clients(config)
         self.turn = 0
+        self.stream_usage = config["CHAT_STREAM_USAGE"] != "off"  # auto turns it off when a server refuses it
 
     def next_client(self):
         """Take the SDK clients in turn: one pool for thousands of streams would cost O(streams) per stream."""
@@ -638,7 +740,29 @@ def json_error(exc):
     """The one error path: every failure before the stream is {"error": {"message", "code"}} with its status."""
     code = getattr(exc, "error_code", None) or exc.name.lower().replace(" ", "_")
     headers = getattr(exc, "headers", None) or {}
-    return jsonify(error={"message": exc.description, "code": code}), exc.code, headers
+    return jsonify(error={"message": redact(exc.description), "code": code}), exc.code, headers
+
+
+KEY_LIKE = re.compile(r"\bsk-[A-Za-z0-9_-]{6,}|\b[Bb]earer\s+[A-Za-z0-9._~+/=-]{6,}")
+secrets = set()  # the configured key and token, added when the blueprint is registered
+
+
+def redact(text):
+    """Hide key-like strings (sk-..., bearer tokens, the configured key and token) from a client or a log."""
+    for secret in secrets:
+        text = text.replace(secret, "[redacted]")
+    return KEY_LIKE.sub("[redacted]", text)
+
+
+class Redacting(logging.Filter):
+    """Redact every line of the "chat" log: upstream messages end up in it, and they can quote a key."""
+
+    def filter(self, record):
+        record.msg, record.args = redact(record.getMessage()), None
+        return True
+
+
+REDACTING = Redacting()
 
 
 @chat.route("/api/chat", methods=["GET", "PUT", "PATCH", "DELETE"])
@@ -687,6 +811,8 @@ def apply_defaults(state):
     for key, value in config_from_env().items():
         state.app.config.setdefault(key, value)
     check_settings(state.app.config)
+    secrets.update(filter(None, (state.app.config["OPENAI_API_KEY"], state.app.config["CHAT_API_TOKEN"])))
+    log.addFilter(REDACTING)
     if uses_demo(state.app.config):
         log.warning(
             "No OPENAI_API_KEY or OPENAI_BASE_URL: the built-in demo model answers. "

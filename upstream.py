@@ -8,6 +8,8 @@ deltas that arrived within `timeout` seconds ([] if none did); `finished` once t
 complete, then `finish_reason` and `usage`; `reader`, for the log; and close().
 """
 
+import contextlib
+import contextvars
 import json
 import re
 import socket
@@ -19,15 +21,38 @@ import openai
 
 
 class UpstreamError(Exception):
-    """The upstream failed after the stream began; `code` goes on the wire, the message to the user."""
+    """The upstream failed after the stream began; `code` goes on the wire, the message to the user.
 
-    def __init__(self, message, code):
+    `detail` is what the upstream said, for the log only.
+    """
+
+    def __init__(self, message, code, detail=""):
         super().__init__(message)
-        self.code = code
+        self.code, self.detail = code, detail
 
 
 class StreamTimeout(UpstreamError):
     """The upstream was too slow; the stream ends with this error and a closed upstream."""
+
+
+class ClientLeft(Exception):
+    """The client went away while the upstream's headers were awaited: the request is abandoned."""
+
+
+waiting_client = contextvars.ContextVar("waiting_client", default=None)  # (Client, heartbeat) of this stream
+
+
+@contextlib.contextmanager
+def watching(client, heartbeat):
+    """While the SDK waits for the response's head, check every `heartbeat` seconds that `client` is there.
+
+    A context variable reaches the connection below the SDK and httpx; each greenlet (or thread) has its own.
+    """
+    token = waiting_client.set((client, heartbeat))
+    try:
+        yield
+    finally:
+        waiting_client.reset(token)
 
 
 # The kernel's buffers for each side of a stream (it doubles the figure). Left to autotuning they grow to
@@ -160,7 +185,9 @@ class ModelStream:
         if not isinstance(chunk, dict):
             return
         if chunk.get("error"):
-            raise UpstreamError("The model stopped with an error.", "upstream_error")
+            error = chunk["error"]
+            detail = error.get("message") if isinstance(error, dict) else error
+            raise UpstreamError("The model stopped with an error.", "upstream_error", str(detail)[:300])
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
         for choice in chunk.get("choices") or ():  # the usage chunk has no choices
@@ -213,8 +240,10 @@ class HeadFirstStream(httpcore2.NetworkStream):
     def read(self, max_bytes, timeout=None):
         if self.pending:
             data, self.pending = self.pending, b""
-        else:
+        elif self.at_body or self.head is None or waiting_client.get() is None:
             data = self.stream.read(max_bytes, timeout)
+        else:
+            data = self.read_head(max_bytes, timeout, *waiting_client.get())
         if self.at_body or self.head is None:
             return data
         head = self.head + data
@@ -226,6 +255,19 @@ class HeadFirstStream(httpcore2.NetworkStream):
         self.pending, self.head = data[cut:], b""
         self.at_body = not head.startswith(b"HTTP/1.1 1")
         return data[:cut]
+
+    def read_head(self, max_bytes, timeout, client, heartbeat):
+        """Wait for the response's head a heartbeat at a time, and give up as soon as the client has left."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = heartbeat if deadline is None else min(heartbeat, deadline - time.monotonic())
+            try:
+                return self.stream.read(max_bytes, max(wait, 0.001))
+            except httpcore2.ReadTimeout:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+                if client.has_left():
+                    raise ClientLeft from None
 
     def close(self):
         self.stream.close()
@@ -333,30 +375,11 @@ def make_openai_clients(config):
             # A local server (Ollama, vLLM, llama.cpp) needs no key, but the SDK insists on one.
             api_key=config["OPENAI_API_KEY"] or "unused",
             base_url=config["OPENAI_BASE_URL"] or None,
-            max_retries=config["CHAT_UPSTREAM_RETRIES"],
+            max_retries=0,  # app.py retries, and never a request that timed out: its prompt would be paid twice
             http_client=openai.DefaultHttpxClient(
                 transport=relay_transport(tls),
                 timeout=timeout,
-                event_hooks={"response": [refuse_long_retry_waits(config["CHAT_RETRY_MAX_WAIT"])]},
             ),
         )
         for _ in range(-(-config["CHAT_MAX_STREAMS"] // POOL_STREAMS))
     ]
-
-
-def refuse_long_retry_waits(max_wait):
-    """Make the SDK skip a retry the upstream wants us to wait long for: the user would see nothing meanwhile.
-
-    The SDK honours Retry-After up to two minutes per retry; `x-should-retry: false` is its
-    documented way to say no.
-    """
-
-    def hook(response):
-        try:
-            wait = float(response.headers.get("retry-after", 0))
-        except ValueError:
-            return
-        if wait > max_wait:
-            response.headers["x-should-retry"] = "false"
-
-    return hook

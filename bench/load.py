@@ -145,13 +145,15 @@ class Stream(asyncio.Protocol):
         self.sse = events.pop()
         totals = self.totals
         for event in events:
+            while event.startswith(b":"):  # comment lines, which need no blank line of their own
+                totals.comments += 1
+                newline = event.find(b"\n")
+                event = b"" if newline < 0 else event[newline + 1 :]
             if event.startswith(b"data:"):
                 payload = event[5:].lstrip(b" ")
                 if b"\ndata:" in payload:  # a multi-line event: its data lines, joined by newlines
                     payload = b"\n".join(line[5:].lstrip(b" ") for line in event.split(b"\n"))
                 self.data(payload, now)
-            elif event.startswith(b":"):
-                totals.comments += 1
             elif event:
                 totals.other_events += 1
 

@@ -49,6 +49,7 @@ class Script:
     hold_open: float = 0.0  # seconds the body stays open after [DONE], before its last chunk
     huge_line: int = 0  # after the first token, this many bytes of one line that never ends
     content_length: bool = False  # the whole body at the end, with a Content-Length instead of chunks
+    reject_stream_options: bool = False  # a 400 naming stream_options when a request has it (old Azure, Ollama)
 
 
 @dataclass
@@ -83,7 +84,10 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
         script = server.script
         try:
             self.wait(script.stall_headers)
-            if script.status != 200:
+            if script.reject_stream_options and "stream_options" in body:
+                message = "Unrecognized request argument supplied: stream_options"
+                self.send_json_error(Script(status=400, error_message=message))
+            elif script.status != 200:
                 self.send_json_error(script)
             else:
                 self.send_stream(script, received)

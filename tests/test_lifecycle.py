@@ -138,7 +138,7 @@ REFUSALS = [
     (400, {}, 400, "upstream_rejected", 1),
     (401, {}, 502, "upstream_auth", 1),
     (403, {}, 502, "upstream_auth", 1),
-    (404, {}, 502, "upstream_error", 1),
+    (404, {}, 502, "model_not_found", 1),
     (500, {}, 502, "upstream_error", 2),  # retried once (CHAT_UPSTREAM_RETRIES=1), then given up
     (503, {}, 502, "upstream_error", 2),
 ]
@@ -185,6 +185,7 @@ def test_upstream_that_sends_no_headers_is_504(fast_gunicorn, upstream):
     assert reply.status == 504
     assert json.loads(reply.raw)["error"]["code"] == "upstream_timeout"
     assert upstream.received[0].hung_up.wait(2)
+    assert len(upstream.received) == 1  # a request that timed out is never sent again: it may have been paid
 
 
 # --- Failures after the first byte: one error event, no [DONE] ----------------------------------
@@ -233,7 +234,7 @@ def test_one_log_line_per_stream_says_how_it_ended(fast_gunicorn, upstream):
     assert wait_for(lambda: len(stream_log_lines(fast_gunicorn)) == before + 1)
     [line] = [line for line in stream_log_lines(fast_gunicorn) if stream_id in line]
     assert re.search(
-        r"model=\S+ end=done ttfr=- ttft=[\d.]+s duration=[\d.]+s events=3 tokens=5 reader=socket", line
+        r"model=\S+ end=done ttfr=- ttft=[\d.]+s duration=[\d.]+s events=3 tokens=5 reasoning=0 reader=socket", line
     ), line
 
 

@@ -1,0 +1,193 @@
+"""Upstreams as they are: dialects, reasoning, retries and their waits, failures that say what happened.
+
+Against a live gunicorn (gevent worker) and the fake upstream, scripted per test.
+"""
+
+import json
+import socket
+import time
+from email.utils import formatdate
+
+import pytest
+
+from conftest import API_KEY, FAST_LIFECYCLE, post_chat, start_gunicorn
+
+HI = {"messages": [{"role": "user", "content": "Hi"}]}
+
+
+def wait_for(condition, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def log_lines(server, words):
+    return [line for line in server.log().splitlines() if words in line]
+
+
+@pytest.fixture(scope="module")
+def dialect_gunicorn(fake_upstream_server, tmp_path_factory):
+    """A server for a local model that thinks: extra fields, hidden reasoning, a retry allowed."""
+    env = {
+        "OPENAI_BASE_URL": fake_upstream_server.url,
+        "OPENAI_API_KEY": API_KEY,
+        **FAST_LIFECYCLE,
+        "CHAT_MODEL": "qwen3",
+        "CHAT_EXTRA_BODY": '{"chat_template_kwargs": {"enable_thinking": true}}',
+        "CHAT_REASONING": "hide",
+        "CHAT_UPSTREAM_RETRIES": "1",
+        "CHAT_RETRY_MAX_WAIT": "5",
+    }
+    server = start_gunicorn("dialect", tmp_path_factory, env)
+    yield server
+    server.stop()
+
+
+# --- Dialects ----------------------------------------------------------------------------------------
+
+
+def test_extra_body_reaches_the_upstream(dialect_gunicorn, upstream):
+    post_chat(dialect_gunicorn.url, HI)
+    assert upstream.received[0].body["chat_template_kwargs"] == {"enable_thinking": True}
+
+
+def test_hidden_reasoning_is_not_sent_but_keeps_the_stream_alive(dialect_gunicorn, upstream):
+    """Thinking for 2.4 s under a 1.5 s first-token timeout: hidden, but still counted as output."""
+    upstream.reset(reasoning=[f"step {i} " for i in range(12)], tokens=["Four."], delay=0.2)
+    reply = post_chat(dialect_gunicorn.url, HI)
+
+    assert reply.text == "Four."
+    assert reply.data[-1] == "[DONE]"
+    assert not [d for d in reply.data if isinstance(d, dict) and "reasoning" in d]
+    assert b": ping" in reply.raw  # the silence towards the client was filled
+    [line] = [line for line in log_lines(dialect_gunicorn, reply.headers["X-Request-Id"]) if " end=" in line]
+    assert "end=done" in line and "reasoning=12" in line
+
+
+def test_a_server_that_refuses_stream_options_is_asked_again_without_them(
+    fake_upstream_server, upstream, tmp_path_factory
+):
+    env = {"OPENAI_BASE_URL": fake_upstream_server.url, "OPENAI_API_KEY": API_KEY, "CHAT_STREAM_USAGE": "auto"}
+    server = start_gunicorn("old-ollama", tmp_path_factory, env)
+    try:
+        upstream.reset(reject_stream_options=True, tokens=["ok"])
+        first = post_chat(server.url, HI)
+        second = post_chat(server.url, HI)
+    finally:
+        server.stop()
+
+    assert first.text == second.text == "ok"
+    assert first.data[-2]["usage"] is None  # the server gives none without stream_options
+    assert ["stream_options" in r.body for r in upstream.received] == [True, False, False]  # remembered
+
+
+# --- Retries and what they wait for --------------------------------------------------------------------
+
+RETRY_AFTERS = [  # headers of a 429, what the client is told to wait, requests sent
+    ({"Retry-After": "7"}, "7", 1),  # longer than CHAT_RETRY_MAX_WAIT (5): back to the client at once
+    ({"Retry-After": "a minute from now"}, None, 1),  # an HTTP date, made when the test runs
+    ({"retry-after-ms": "9000"}, "9", 1),
+    ({"retry-after-ms": "200"}, "1", 2),  # short: waited out and sent again, once
+]
+
+
+@pytest.mark.parametrize("headers, told, requests", RETRY_AFTERS, ids=["seconds", "date", "ms", "short-ms"])
+def test_retry_after_in_every_form_is_held_to_the_limit(dialect_gunicorn, upstream, headers, told, requests):
+    if headers.get("Retry-After") == "a minute from now":
+        headers = {"Retry-After": formatdate(time.time() + 60, usegmt=True)}
+    upstream.reset(status=429, headers=headers)
+    started = time.monotonic()
+    reply = post_chat(dialect_gunicorn.url, HI)
+    took = time.monotonic() - started
+
+    assert reply.status == 429
+    assert len(upstream.received) == requests
+    assert took < 2  # never held for a long Retry-After with nothing sent
+    if told is None:
+        assert 55 <= int(reply.headers["Retry-After"]) <= 61  # seconds, not the date
+    else:
+        assert reply.headers["Retry-After"] == told
+
+
+def test_a_request_that_timed_out_is_not_sent_again(dialect_gunicorn, upstream):
+    upstream.reset(stall_headers=10)
+    reply = post_chat(dialect_gunicorn.url, HI)
+
+    assert reply.status == 504
+    assert len(upstream.received) == 1  # CHAT_UPSTREAM_RETRIES=1 notwithstanding: the prompt may have been paid
+
+
+def test_a_client_that_leaves_before_the_headers_closes_the_upstream_request(dialect_gunicorn, upstream):
+    upstream.reset(stall_headers=30)
+    client = socket.create_connection(("127.0.0.1", dialect_gunicorn.port))
+    payload = json.dumps(HI).encode()
+    client.sendall(
+        b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload)
+    )
+    assert wait_for(lambda: upstream.received, 5)
+    client.close()
+    left = time.monotonic()
+
+    assert upstream.received[0].hung_up.wait(3)
+    heartbeat = float(FAST_LIFECYCLE["CHAT_HEARTBEAT_SECONDS"])
+    assert upstream.received[0].hung_up_at - left < heartbeat + 0.5
+    assert len(upstream.received) == 1
+    assert wait_for(lambda: log_lines(dialect_gunicorn, "client_gone"))
+
+
+# --- Failures that say what happened, and never leak ------------------------------------------------
+
+
+def test_an_unknown_model_upstream_is_named(dialect_gunicorn, upstream):
+    upstream.reset(status=404, error_message="The model `qwen3` does not exist.")
+    reply = post_chat(dialect_gunicorn.url, HI)
+
+    assert reply.status == 502
+    error = json.loads(reply.raw)["error"]
+    assert error["code"] == "model_not_found"
+    assert "qwen3" in error["message"]
+    assert wait_for(lambda: log_lines(dialect_gunicorn, "does not exist"))  # the upstream's own words, in the log
+
+
+def test_a_400_that_quotes_the_key_is_passed_on_redacted(dialect_gunicorn, upstream):
+    echoed = f"Invalid header: Authorization: Bearer {API_KEY}; also sk-proj-abcdef123456 is wrong"
+    upstream.reset(status=400, error_message=echoed)
+    reply = post_chat(dialect_gunicorn.url, HI)
+
+    assert reply.status == 400
+    message = json.loads(reply.raw)["error"]["message"]
+    assert message.startswith("Invalid header")  # the user still learns what was wrong
+    assert API_KEY not in message and "sk-proj" not in message and API_KEY[3:15] not in message
+    assert wait_for(lambda: log_lines(dialect_gunicorn, "Invalid header"))
+    assert API_KEY not in dialect_gunicorn.log() and "sk-proj-abcdef" not in dialect_gunicorn.log()
+
+
+@pytest.mark.parametrize(
+    "said, code, shown",
+    [
+        ("litellm.BadRequestError: OpenAIException - temperature is too high", "upstream_rejected", "temperature is"),
+        ("This model's maximum context length is 8192 tokens.", "context_too_long", "too long for the model"),
+    ],
+    ids=["litellm-prefix", "context"],
+)
+def test_a_400_says_what_the_model_said_plainly(dialect_gunicorn, upstream, said, code, shown):
+    upstream.reset(status=400, error_message=said)
+    reply = post_chat(dialect_gunicorn.url, HI)
+
+    error = json.loads(reply.raw)["error"]
+    assert (reply.status, error["code"]) == (400, code)
+    assert error["message"].startswith(shown) or shown in error["message"]
+    assert "litellm" not in error["message"] and "OpenAIException" not in error["message"]
+
+
+def test_an_error_inside_the_stream_is_logged_with_what_the_upstream_said(dialect_gunicorn, upstream):
+    upstream.reset(error_after=1)
+    reply = post_chat(dialect_gunicorn.url, HI)
+
+    assert reply.data[-1]["code"] == "upstream_error"
+    assert "internal upstream detail" not in reply.raw.decode()  # not for the user
+    assert wait_for(lambda: log_lines(dialect_gunicorn, "internal upstream detail"))  # for the operator
