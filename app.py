@@ -2,7 +2,8 @@
 
 One Flask module: ``POST /api/chat`` takes ``{"messages": [...]}`` and answers with
 ``text/event-stream``, one ``data: {"content": ...}`` event per token and ``data: [DONE]``
-at the end. The upstream is any OpenAI-compatible server, reached with the official
+at the end; ``POST /api/ui-chat`` is the same chat in the Vercel AI SDK's protocol, for its
+``useChat``. The upstream is any OpenAI-compatible server, reached with the official
 ``openai`` SDK; with neither ``OPENAI_API_KEY`` nor ``OPENAI_BASE_URL`` set, a built-in
 demo model answers, so everything runs offline.
 
@@ -64,7 +65,7 @@ DEFAULTS = {
     "CHAT_MAX_OUTPUT_TOKENS": 4096,  # always sent as the reply's token limit; a request's max_tokens is held to it
     "CHAT_MAX_IMAGES": 4,  # image parts per request (0: none accepted)
     "CHAT_MAX_IMAGE_BYTES": 700_000,  # decoded size of one image; its base64 must still fit in CHAT_MAX_BODY_BYTES
-    "CHAT_UPSTREAM_RETRIES": 1,  # the SDK's retries of a refused or failed request, before the first byte only
+    "CHAT_UPSTREAM_RETRIES": 1,  # a refused request is sent again this often, before the first byte; never a timeout
     "CHAT_RETRY_MAX_WAIT": 5.0,  # a 429 asking to wait longer than this goes back to the client at once
     "CHAT_CONNECT_TIMEOUT": 5.0,  # seconds to open a connection to the upstream
     "CHAT_MAX_STREAMS": 900,  # open streams per worker; past it 503. Keep below gunicorn's worker_connections
@@ -175,8 +176,21 @@ def chat_completion():
     """Validate, open the upstream, then stream: every failure before the first byte is an HTTP status."""
     config = current_app.config
     check_token(config["CHAT_API_TOKEN"])
-    model, messages, params = parse_chat_request(config)
+    model, messages, params = parse_chat_request(config, read_json(config))
+    return stream_reply(config, model, messages, params, EventStream())
 
+
+@chat.post("/api/ui-chat")
+def ui_chat():
+    """The same chat for the AI SDK's useChat: its request body in, its UI message stream out."""
+    config = current_app.config
+    check_token(config["CHAT_API_TOKEN"])
+    model, messages, params = parse_chat_request(config, native_body(read_json(config)))
+    return stream_reply(config, model, messages, params, UIMessageStream())
+
+
+def stream_reply(config, model, messages, params, events):
+    """Open the upstream, then return the response that relays it, encoded by `events` (one per protocol)."""
     worker = worker_state(current_app)
     if not worker.slots.acquire():
         raise ApiError(503, "too_many_streams", "The server is busy. Please try again shortly.", {"Retry-After": "5"})
@@ -192,7 +206,6 @@ def chat_completion():
         raise
 
     stream_id = request_id()
-    events = EventStream()
     response = Response(
         relay(upstream, events, client, config, stream_id, model, requested_at),
         # No "Connection: keep-alive": it is hop-by-hop, gunicorn drops it and HTTP/2 forbids it.
@@ -243,8 +256,8 @@ class BodyTimeout(Exception):
     """The request's body took longer than CHAT_BODY_TIMEOUT to arrive."""
 
 
-def parse_chat_request(config):
-    """Return (model, messages, parameters to send) from the body, or raise ApiError naming what is wrong."""
+def read_json(config):
+    """Return the request's JSON body, or raise ApiError: not JSON, too large, not UTF-8, too deep."""
     if request.mimetype != "application/json":
         raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json.")
     limit = request.max_content_length = config["CHAT_MAX_BODY_BYTES"]
@@ -266,6 +279,11 @@ def parse_chat_request(config):
         raise invalid("The body is nested too deeply.") from None
     except ValueError as exc:
         raise invalid(f"The body is not valid JSON: {exc}.") from None
+    return body
+
+
+def parse_chat_request(config, body):
+    """Return (model, messages, parameters to send) from the request's body, or raise ApiError naming the field."""
     if not isinstance(body, dict):
         raise invalid("The body must be a JSON object.")
     unknown = sorted(set(body) - REQUEST_FIELDS)
@@ -367,7 +385,7 @@ def open_upstream(worker, config, model, messages, params, client):
     while True:
         try:
             with watching(client, config["CHAT_HEARTBEAT_SECONDS"]):
-                completion = worker.next_client().chat.completions.with_streaming_response.create(
+                completion = worker.next_sdk_client().chat.completions.with_streaming_response.create(
                     **body, extra_body=extra or None
                 )
                 return ModelStream(completion.__enter__())  # sends it; a 4xx/5xx raises here, before our headers
@@ -400,11 +418,12 @@ def refuses_stream_options(exc, config):
 def retry_after(headers):
     """Return the seconds the upstream asks us to wait: retry-after-ms, or Retry-After in seconds or as a date."""
     for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        value = headers.get(name, "")
         try:
-            return max(0.0, float(value) * scale)
+            wait = float(headers.get(name, "")) * scale
         except ValueError:
-            pass
+            continue
+        if math.isfinite(wait):
+            return max(0.0, wait)
     try:
         return max(0.0, parsedate_to_datetime(headers.get("retry-after", "")).timestamp() - time.time())
     except (TypeError, ValueError):
@@ -438,7 +457,10 @@ def refusal(exc, model):
     status, code, message = UPSTREAM_FAILURES.get(key, OTHER_FAILURE)
     if key == 400 and (CONTEXT_WORDS.search(said) or "context_length" in str(exc.body)):
         status, code, message = TOO_LONG
-    message = (message or PROXY_PREFIX.sub("", said) or "The model rejected the request.").format(model=model)[:500]
+    if message is None:  # the upstream's own words: never a format string
+        message = PROXY_PREFIX.sub("", said)[:500] or "The model rejected the request."
+    else:
+        message = message.format(model=model[:100])
     headers = {}
     if status == 429 and (wait := retry_after(exc.response.headers)) is not None:
         headers["Retry-After"] = str(math.ceil(wait))
@@ -686,6 +708,135 @@ class EventStream:
         return sse({"content": "", "error": message, "code": code})
 
 
+# --- The AI SDK's UI message stream: the second encoder, and its request ------------------------
+#
+# What useChat reads through the `ai` package's DefaultChatTransport: one JSON chunk per event,
+# told apart by `type` (ai's uiMessageChunkSchema, src/ui-message-stream/ui-message-chunks.ts).
+# A reply is `start`, then each run of reasoning or text as a part: `reasoning-start`, deltas,
+# `reasoning-end` (or `text-...`), then `finish` with the usage as the message's metadata, and
+# `[DONE]`, which the SDK's own servers send last whether or not the reply failed.
+
+FINISH_REASONS = {  # OpenAI's finish reasons, as the SDK names them; any other is "other"
+    "stop": "stop",
+    "length": "length",
+    "content_filter": "content-filter",
+    "tool_calls": "tool-calls",
+    "function_call": "tool-calls",
+}
+
+
+class UIMessageStream:
+    """The Vercel AI SDK's UI message stream (v1): text and reasoning parts, usage on `finish`."""
+
+    media_type = "text/event-stream"
+    headers = {"x-vercel-ai-ui-message-stream": "v1"}
+
+    def __init__(self):
+        self.part = None  # the open part: ("text" or "reasoning", its id)
+        self.parts = 0
+
+    def opened(self):
+        return sse({"type": "start"})
+
+    def ping(self):
+        return b": ping\n"
+
+    def delta(self, kind, text):
+        kind = "text" if kind == "content" else kind
+        data = b""
+        if self.part is None or self.part[0] != kind:  # a new run of this kind: a new part
+            data = self.close_part()
+            self.part, self.parts = (kind, str(self.parts)), self.parts + 1
+            data += sse({"type": f"{kind}-start", "id": self.part[1]})
+        return data + sse({"type": f"{kind}-delta", "id": self.part[1], "delta": text})
+
+    def close_part(self):
+        if self.part is None:
+            return b""
+        (kind, part_id), self.part = self.part, None
+        return sse({"type": f"{kind}-end", "id": part_id})
+
+    def end(self, finish_reason, usage):
+        finish = {"type": "finish", "finishReason": FINISH_REASONS.get(finish_reason, "other")}
+        finish["messageMetadata"] = {"usage": usage}  # where useChat lets a page read it: message.metadata
+        return self.close_part() + sse(finish) + b"data: [DONE]\n\n"
+
+    def error(self, code, message):
+        # The open part stays open: the SDK leaves it "streaming", which is what it is, cut short.
+        return sse({"type": "error", "errorText": message}) + b"data: [DONE]\n\n"
+
+
+UI_REQUEST_FIELDS = {"id", "messages", "trigger", "messageId"}  # DefaultChatTransport's; the rest as in REQUEST_FIELDS
+UI_TRIGGERS = {"submit-message", "regenerate-message"}
+UI_MESSAGE_FIELDS = {"id", "role", "parts", "metadata"}
+UI_ROLES = {"system", "user", "assistant"}
+UI_PART_FIELDS = {  # the parts a chat without tools has (ai's src/ui/validate-ui-messages.ts)
+    "text": {"type", "text", "state", "providerMetadata"},
+    "reasoning": {"type", "id", "text", "state", "providerMetadata"},
+    "file": {"type", "mediaType", "filename", "url", "providerReference", "providerMetadata"},
+    "step-start": {"type"},
+}
+
+
+def native_body(body):
+    """Turn the body useChat sends into the native one; a 400 names the field as the AI SDK spells it.
+
+    Text parts become the message's text, image file parts its image parts; the model's reasoning
+    is not sent back to it. Other fields (model, sampling) stay as they are, for the native checks.
+    """
+    if not isinstance(body, dict):
+        raise invalid("The body must be a JSON object.")
+    for name in ("id", "messageId"):
+        if name in body and not isinstance(body[name], str):
+            raise invalid(f"{name} must be a string.")
+    if "trigger" in body and not (isinstance(body["trigger"], str) and body["trigger"] in UI_TRIGGERS):
+        raise invalid(f"trigger must be one of {', '.join(sorted(UI_TRIGGERS))}.")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise invalid("messages must be a non-empty list.")
+    native = {name: value for name, value in body.items() if name not in UI_REQUEST_FIELDS}
+    native["messages"] = [native_message(message, f"messages[{i}]") for i, message in enumerate(messages)]
+    return native
+
+
+def native_message(message, where):
+    """Turn one UI message ({id, role, parts}) into {role, content}."""
+    if not isinstance(message, dict):
+        raise invalid(f"{where} must be an object.")
+    unknown = sorted(set(message) - UI_MESSAGE_FIELDS)
+    if unknown:
+        raise invalid(f"{where} has an unknown field: {unknown[0]}.")
+    if not (isinstance(message.get("role"), str) and message["role"] in UI_ROLES):
+        raise invalid(f"{where}.role must be one of {', '.join(sorted(UI_ROLES))}.")
+    if not isinstance(message.get("parts"), list):
+        raise invalid(f"{where}.parts must be a list.")
+    content = []
+    for j, part in enumerate(message["parts"]):
+        at = f"{where}.parts[{j}]"
+        if not isinstance(part, dict):
+            raise invalid(f"{at} must be an object.")
+        if not (isinstance(part.get("type"), str) and part["type"] in UI_PART_FIELDS):
+            raise invalid(f"{at}.type must be one of {', '.join(sorted(UI_PART_FIELDS))}.")
+        unknown = sorted(set(part) - UI_PART_FIELDS[part["type"]])
+        if unknown:
+            raise invalid(f"{at} has an unknown field: {unknown[0]}.")
+        if part["type"] in ("text", "reasoning") and not isinstance(part.get("text"), str):
+            raise invalid(f"{at}.text must be a string.")
+        if part["type"] == "text":
+            content.append({"type": "text", "text": part["text"]})
+        elif part["type"] == "file":
+            if not str(part.get("mediaType")).startswith("image/"):
+                raise invalid(f"{at}.mediaType must be an image type: only images can be sent.")
+            if not isinstance(part.get("url"), str):
+                raise invalid(f"{at}.url must be a string.")
+            content.append({"type": "image_url", "image_url": {"url": part["url"]}})
+    if not content and message["role"] != "assistant":  # an assistant stopped while it thought may have none
+        raise invalid(f"{where}.parts has no text.")
+    if all(item["type"] == "text" for item in content):  # text only: the plain string every upstream takes
+        content = "".join(item["text"] for item in content)
+    return {"role": message["role"], "content": content}
+
+
 # --- Plumbing: per-worker state, errors, CORS, the page, health -----------------------------------
 
 
@@ -694,14 +845,14 @@ class WorkerState:
 
     def __init__(self, config):
         self.slots = StreamSlots(config["CHAT_MAX_STREAMS"])
-        self.clients = [] if uses_demo(config) else make_openai_clients(config)
+        self.sdk_clients = [] if uses_demo(config) else make_openai_clients(config)
         self.turn = 0
         self.stream_usage = config["CHAT_STREAM_USAGE"] != "off"  # auto turns it off when a server refuses it
 
-    def next_client(self):
+    def next_sdk_client(self):
         """Take the SDK clients in turn: one pool for thousands of streams would cost O(streams) per stream."""
-        self.turn = (self.turn + 1) % len(self.clients)
-        return self.clients[self.turn]
+        self.turn = (self.turn + 1) % len(self.sdk_clients)
+        return self.sdk_clients[self.turn]
 
 
 def worker_state(app):
@@ -736,10 +887,16 @@ def request_id():
 
 
 @chat.errorhandler(HTTPException)
-def json_error(exc):
-    """The one error path: every failure before the stream is {"error": {"message", "code"}} with its status."""
+def error_response(exc):
+    """The one error path: every failure before the stream is {"error": {"message", "code"}} with its status.
+
+    On the AI SDK's route the body is the sentence alone: useChat shows a refused request's body,
+    as it is, as the error's message.
+    """
     code = getattr(exc, "error_code", None) or exc.name.lower().replace(" ", "_")
     headers = getattr(exc, "headers", None) or {}
+    if request.path.endswith("/api/ui-chat"):
+        return Response(redact(exc.description), exc.code, headers, mimetype="text/plain")
     return jsonify(error={"message": redact(exc.description), "code": code}), exc.code, headers
 
 
@@ -766,6 +923,7 @@ REDACTING = Redacting()
 
 
 @chat.route("/api/chat", methods=["GET", "PUT", "PATCH", "DELETE"])
+@chat.route("/api/ui-chat", methods=["GET", "PUT", "PATCH", "DELETE"])
 def chat_wrong_method():
     """A wrong method gets the JSON error too: Flask's own 405 never reaches a blueprint's handler."""
     raise ApiError(405, "method_not_allowed", "Use POST.", {"Allow": "POST"})
@@ -833,6 +991,6 @@ def create_app(config=None):
     app.register_blueprint(chat)
     # Make the SDK clients now, and let the SDK import the parts it loads on first use: the first
     # request would otherwise wait ~50 ms for both.
-    for client in worker_state(app).clients[:1]:
-        client.chat.completions.with_streaming_response  # noqa: B018 (the access is the point)
+    for sdk_client in worker_state(app).sdk_clients[:1]:
+        sdk_client.chat.completions.with_streaming_response  # noqa: B018 (the access is the point)
     return app

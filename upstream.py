@@ -81,11 +81,12 @@ class ModelStream:
         plain = http.headers.get("content-encoding", "identity") == "identity"
         chunked = http.headers.get("transfer-encoding", "").lower() == "chunked"
         if isinstance(stream, HeadFirstStream) and stream.at_body and plain and chunked:
-            self.socket, self.reader, self.body = stream, "socket", None
+            self.connection, self.sock = stream, stream.get_extra_info("socket")  # a plain or an SSL socket
+            self.reader, self.body = "socket", None
         else:
-            self.socket, self.reader = None, "httpx"
+            self.connection, self.reader = None, "httpx"
             self.body = http.iter_raw() if plain else http.iter_bytes()
-        self.framing = bytearray()  # chunked framing not yet undone
+        self.framing = b""  # chunked framing not yet undone
         self.chunk_left = 0  # bytes of the current chunk still to come, its closing CRLF included
         self.body_ended = False  # the last chunk has come: the connection can serve the next request
         self.line, self.line_size = [], 0  # the SSE line read so far, in pieces
@@ -94,14 +95,14 @@ class ModelStream:
     def read(self, timeout):
         if self.failure:
             raise self.failure
-        if self.socket is None:
+        if self.connection is None:
             data = self.read_plain()
         else:
             try:
-                data = self.unchunk(self.socket.read(65536, max(timeout, 0.001)))
-            except httpcore2.ReadTimeout:
+                data = self.unchunk(self.recv(timeout))
+            except TimeoutError:
                 return []  # nothing yet: time for a heartbeat, or a deadline
-            except httpcore2.NetworkError:
+            except OSError:
                 raise UpstreamError("The connection to the model was lost.", "upstream_cut") from None
         deltas = self.parse(data)
         if self.body_ended and not self.finished and not self.failure:  # the body ended without [DONE]
@@ -109,6 +110,14 @@ class ModelStream:
                 self.failure = UpstreamError("The reply was cut off.", "upstream_incomplete")
             self.finished = self.finish_reason is not None
         return deltas
+
+    def recv(self, timeout):
+        """The next bytes on the connection: what httpcore's head read left over, or the socket's."""
+        if self.connection.pending:
+            data, self.connection.pending = self.connection.pending, b""
+            return data
+        self.sock.settimeout(max(timeout, 0.001))
+        return self.sock.recv(65536)  # an SSL socket gives what it has already decrypted first
 
     def read_plain(self):
         try:
@@ -125,32 +134,31 @@ class ModelStream:
         """Undo HTTP/1.1 chunked framing (RFC 9112, 7.1): return the body bytes in `data`, or the end."""
         if not data:
             raise UpstreamError("The connection to the model was lost.", "upstream_cut")
-        framing, out, i = self.framing, [], 0
-        framing += data
-        while i < len(framing) and not self.body_ended:
+        framing = self.framing + data if self.framing else data
+        out, i, size = [], 0, len(framing)
+        while i < size:
             if self.chunk_left:
-                taken = min(self.chunk_left, len(framing) - i)
+                taken = min(self.chunk_left, size - i)
                 body = min(taken, self.chunk_left - 2)  # the chunk's closing CRLF is not body
                 if body > 0:
-                    out.append(bytes(framing[i : i + body]))
+                    out.append(framing[i : i + body])
                 i, self.chunk_left = i + taken, self.chunk_left - taken
                 continue
             end = framing.find(b"\r\n", i)
             if end < 0:
                 break  # the size line is not all here yet
             try:
-                size = int(framing[i:end].split(b";")[0], 16)  # ";..." would be a chunk extension
+                length = int(framing[i:end].partition(b";")[0], 16)  # ";..." would be a chunk extension
             except ValueError:
                 raise UpstreamError("The model sent a malformed reply.", "upstream_malformed") from None
-            if size == 0:  # the last chunk: trailers (none, in practice) end with a blank line
+            if length == 0:  # the last chunk: trailers (none, in practice) end with a blank line
                 self.body_ended = framing.find(b"\r\n\r\n", end) >= 0
                 break
-            i, self.chunk_left = end + 2, size + 2
-        if not self.body_ended:
-            del framing[:i]  # what is left is the start of a size line
-            if len(framing) > 1024:
-                raise UpstreamError("The model sent a malformed reply.", "upstream_malformed")
-        return b"".join(out)
+            i, self.chunk_left = end + 2, length + 2
+        self.framing = framing[i:]  # the start of a size line, or the last chunk
+        if len(self.framing) > 1024 and not self.body_ended:
+            raise UpstreamError("The model sent a malformed reply.", "upstream_malformed")
+        return out[0] if len(out) == 1 else b"".join(out)
 
     def parse(self, data):
         """Return the deltas in the complete SSE lines of `data`; keep an unfinished last line for later."""
@@ -207,13 +215,13 @@ class ModelStream:
 
     def close(self):
         """Close the reply; keep the connection for the next request only if its body has already ended."""
-        if self.socket is not None and self.finished and not self.body_ended:
+        if self.connection is not None and self.finished and not self.body_ended:
             try:  # the last chunk normally follows [DONE] at once
-                self.unchunk(self.socket.read(65536, 0.001))
-            except (httpcore2.ReadTimeout, httpcore2.NetworkError, UpstreamError):
+                self.unchunk(self.recv(0.001))
+            except (OSError, UpstreamError):
                 pass
-        if self.socket is not None and self.body_ended:
-            self.socket.pending = b"0\r\n\r\n"  # httpx reads the end of the body, and pools the connection
+        if self.connection is not None and self.body_ended:
+            self.connection.pending = b"0\r\n\r\n"  # httpx reads the end of the body, and pools the connection
             try:
                 self.response.http_response.read()
             except httpx2.HTTPError:

@@ -1,242 +1,21 @@
-"""Fixtures that start real servers on 127.0.0.1: a fake OpenAI-compatible upstream and gunicorn.
+"""Fixtures: which real servers a test gets, and for how long. What they are lives in fake_upstream.py,
+live_servers.py (gunicorn), nginx_server.py and browser.py; chat_client.py is the streaming client."""
 
-The fake upstream speaks the wire, not the SDK: chunked `text/event-stream` in OpenAI's chunk
-format, scripted per test, recording what it received and when its client hung up.
-"""
-
-import http.client
-import json
-import os
-import select
-import socket
-import subprocess
-import sys
-import threading
-import time
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
+import shutil
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # so `pytest` alone, not only `python -m pytest`, imports app.py
-API_KEY = "sk-test-0123456789abcdef-SECRET"  # tests assert it never leaks
-
-
-# --- The fake upstream ------------------------------------------------------------------------
-
-
-@dataclass
-class Script:
-    """What the fake upstream does with the next requests."""
-
-    tokens: list | None = field(default_factory=lambda: [f"tok{i} " for i in range(5)])  # None: echo
-    delay: float = 0.0  # seconds before each token
-    hold: float = 0.0  # seconds of silence after the headers, before the first token
-    stall_headers: float = 0.0  # seconds before even the status line
-    stall_at: int | None = None  # before this token, a silence of `stall` seconds
-    stall: float = 0.0
-    status: int = 200  # anything else: answer with this status and an OpenAI error body
-    headers: dict = field(default_factory=dict)  # extra response headers (e.g. Retry-After)
-    error_message: str = "upstream says no"
-    cut_after: int | None = None  # drop the connection after this many tokens, mid-body
-    error_after: int | None = None  # send an in-stream error chunk after this many tokens
-    finish_reason: str = "stop"
-    usage: dict = field(default_factory=lambda: {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14})
-    reasoning: list = field(default_factory=list)  # thinking deltas, sent before the tokens
-    reasoning_field: str = "reasoning_content"  # or "reasoning" (vLLM, Ollama)
-    hold_open: float = 0.0  # seconds the body stays open after [DONE], before its last chunk
-    huge_line: int = 0  # after the first token, this many bytes of one line that never ends
-    content_length: bool = False  # the whole body at the end, with a Content-Length instead of chunks
-    reject_stream_options: bool = False  # a 400 naming stream_options when a request has it (old Azure, Ollama)
-
-
-@dataclass
-class Received:
-    """One request the fake upstream received, and how it ended."""
-
-    path: str
-    client_port: int  # the same port on two requests: the connection was reused
-    headers: object  # an email.message.Message: case-insensitive lookups
-    body: dict
-    hung_up: threading.Event = field(default_factory=threading.Event)  # the client closed first
-    hung_up_at: float | None = None
-    finished: threading.Event = field(default_factory=threading.Event)  # the handler returned
-    sent: list = field(default_factory=list)  # monotonic time each token was written
-
-
-class ClientGone(Exception):
-    pass
-
-
-class FakeUpstreamHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):
-        pass
-
-    def do_POST(self):
-        server = self.server
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-        received = Received(self.path, self.client_address[1], self.headers, body)  # headers: case-insensitive
-        server.received.append(received)
-        script = server.script
-        try:
-            self.wait(script.stall_headers)
-            if script.reject_stream_options and "stream_options" in body:
-                message = "Unrecognized request argument supplied: stream_options"
-                self.send_json_error(Script(status=400, error_message=message))
-            elif script.status != 200:
-                self.send_json_error(script)
-            else:
-                self.send_stream(script, received)
-        except ClientGone:
-            received.hung_up_at = time.monotonic()
-            received.hung_up.set()
-            self.close_connection = True
-        finally:
-            received.finished.set()
-
-    def send_json_error(self, script):
-        payload = json.dumps({"error": {"message": script.error_message, "type": "x", "code": None}}).encode()
-        self.send_response(script.status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        for name, value in script.headers.items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def send_stream(self, script, received):
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.body = [] if script.content_length else None  # send_chunk keeps what it is given, for the end
-        if self.body is None:
-            self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
-            self.wfile.flush()
-        model = received.body.get("model", "x")
-        base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": model}
-        self.wait(script.hold)
-        self.send_event({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
-        for thought in script.reasoning:
-            self.wait(script.delay)
-            delta = {script.reasoning_field: thought}
-            self.send_event({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
-            received.sent.append(time.monotonic())
-        tokens = script.tokens
-        if tokens is None:  # echo the last message word by word, so concurrent replies differ
-            tokens = [word + " " for word in received.body["messages"][-1]["content"].split()]
-        for i, token in enumerate(tokens):
-            if i == script.cut_after:
-                self.close_connection = True
-                self.connection.shutdown(socket.SHUT_RDWR)  # no terminating chunk: a transport cut
-                return
-            if i == script.error_after:
-                self.send_event({"error": {"message": "internal upstream detail", "type": "server_error"}})
-                self.end_chunks()
-                return
-            self.wait(script.stall if i == script.stall_at else script.delay)
-            self.send_event({**base, "choices": [{"index": 0, "delta": {"content": token}, "finish_reason": None}]})
-            received.sent.append(time.monotonic())
-            if i == 0 and script.huge_line:
-                for _ in range(0, script.huge_line, 65536):
-                    self.send_chunk(b"data: " + b"x" * 65536)
-        self.send_event({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": script.finish_reason}]})
-        if (received.body.get("stream_options") or {}).get("include_usage"):
-            self.send_event({**base, "choices": [], "usage": script.usage})
-        self.send_chunk(b"data: [DONE]\n\n")
-        self.wait(script.hold_open)
-        self.end_chunks()
-
-    def wait(self, seconds):
-        """Sleep, but notice at once if the client closes the connection meanwhile."""
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            readable, _, _ = select.select([self.connection], [], [], left)
-            if readable and self.client_closed():
-                raise ClientGone
-        if self.client_closed():
-            raise ClientGone
-
-    def client_closed(self):
-        """True when the client sent FIN (EOF) or RST (a close with unread data in its buffer)."""
-        readable, _, _ = select.select([self.connection], [], [], 0)
-        try:
-            return bool(readable) and not self.connection.recv(1, socket.MSG_PEEK)
-        except OSError:
-            return True
-
-    def send_event(self, payload):
-        self.send_chunk(b"data: " + json.dumps(payload).encode() + b"\n\n")
-
-    def send_chunk(self, data):
-        if self.body is not None:
-            self.body.append(data)
-            return
-        try:
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-            self.wfile.flush()
-        except OSError:
-            raise ClientGone from None
-
-    def end_chunks(self):
-        if self.body is not None:
-            self.send_header("Content-Length", str(sum(map(len, self.body))))
-            self.end_headers()
-            self.wfile.write(b"".join(self.body))
-            return
-        try:
-            self.wfile.write(b"0\r\n\r\n")
-            self.wfile.flush()
-        except OSError:
-            raise ClientGone from None
-
-
-class FakeUpstream(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 1024
-
-    def __init__(self):
-        super().__init__(("127.0.0.1", 0), FakeUpstreamHandler)
-        self.script = Script()
-        self.received = []
-
-    @property
-    def url(self):
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
-
-    def handle_error(self, request, client_address):
-        if not isinstance(sys.exception(), ConnectionError):  # a pooled connection dropped by its owner
-            super().handle_error(request, client_address)
-
-    def reset(self, **script):
-        self.script = Script(**script)
-        self.received = []
-
-    def open_connections(self):
-        """Count the TCP connections currently established to this server (from /proc, Linux)."""
-        port = f"{self.server_address[1]:04X}"
-        count = 0
-        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-            with open(table) as lines:
-                next(lines)
-                for line in lines:
-                    local, state = line.split()[1], line.split()[3]
-                    if local.endswith(":" + port) and state == "01":  # 01: ESTABLISHED
-                        count += 1
-        return count
+from browser import fresh_page, running_chromium
+from fake_upstream import running_fake_upstream
+from live_servers import FAST_LIFECYCLE, ROOT, Gunicorns, unavailable
+from nginx_server import Nginxes
 
 
 @pytest.fixture(scope="session")
 def fake_upstream_server():
-    server = FakeUpstream()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    """One fake upstream for the session; tests take it through `upstream`."""
+    with running_fake_upstream() as server:
+        yield server
 
 
 @pytest.fixture
@@ -246,187 +25,66 @@ def upstream(fake_upstream_server):
     return fake_upstream_server
 
 
-# --- Live servers -----------------------------------------------------------------------------
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class LiveServer:
-    """A real process listening on 127.0.0.1, started and awaited; its log is kept for failures.
-
-    `env` is the whole environment of the process (None: this one's).
-    """
-
-    def __init__(self, name, command, port, env=None, cwd=ROOT, ready_path="/healthz", log_dir=None):
-        self.name, self.port = name, port
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = Path(log_dir) / f"{name}.log"
-        self.log_file = open(self.log_path, "wb")
-        self.process = subprocess.Popen(command, cwd=cwd, env=env, stdout=self.log_file, stderr=subprocess.STDOUT)
-        self.wait_ready(ready_path)
-
-    def wait_ready(self, path, timeout=30):
-        """Poll until GET `path` answers 200 (with `path` None: until the port accepts)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                if path is None:
-                    socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                    return
-                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
-                connection.request("GET", path)
-                if connection.getresponse().status == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.02)
-        log = self.log()
-        self.stop()  # not ready: do not leave it running behind the failed test
-        raise RuntimeError(f"{self.name} not ready after {timeout}s:\n{log}")
-
-    def log(self):
-        self.log_file.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, timeout=15):
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log_file.close()
-
-
-def start_gunicorn(name, tmp_path_factory, env, extra_args=(), inherit=True):
-    """Start gunicorn with gevent, one worker; `env` adds to this environment (or replaces it)."""
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "-c",
-        "gunicorn.conf.py",
-        "app:create_app()",
-        "-b",
-        f"127.0.0.1:{port}",
-        "-w",
-        "1",
-        *extra_args,
-    ]
-    env = {**os.environ, **env} if inherit else env
-    return LiveServer(name, command, port, env=env, log_dir=tmp_path_factory.mktemp(name))
-
-
-FAST_LIFECYCLE = {  # short heartbeats and timeouts, so lifecycle tests take seconds
-    "CHAT_HEARTBEAT_SECONDS": "0.25",
-    "CHAT_FIRST_TOKEN_TIMEOUT": "1.5",
-    "CHAT_IDLE_TIMEOUT": "1.5",
-    "CHAT_MAX_DURATION": "3",
-}
+@pytest.fixture
+def start_gunicorn(fake_upstream_server, tmp_path_factory):
+    """`start(env)` starts a gunicorn of the test's own (see `Gunicorns.start`); all stop when the test ends."""
+    with Gunicorns(tmp_path_factory, fake_upstream_server.url) as gunicorns:
+        yield gunicorns.start
 
 
 @pytest.fixture(scope="session")
 def gunicorn(fake_upstream_server, tmp_path_factory):
-    """One gunicorn gevent worker serving app:app, pointed at the fake upstream."""
-    env = {"OPENAI_BASE_URL": fake_upstream_server.url, "OPENAI_API_KEY": API_KEY, "CHAT_MODELS": "gpt-test,other"}
-    env["CHAT_MODEL"] = "gpt-test"
-    server = start_gunicorn("gunicorn", tmp_path_factory, env)
-    yield server
-    server.stop()
+    """The session's gunicorn: default settings, two models to choose from."""
+    with Gunicorns(tmp_path_factory, fake_upstream_server.url) as gunicorns:
+        yield gunicorns.start({"CHAT_MODEL": "gpt-test", "CHAT_MODELS": "gpt-test,other"})
 
 
 @pytest.fixture(scope="session")
 def fast_gunicorn(fake_upstream_server, tmp_path_factory):
-    """gunicorn with heartbeats every 0.25 s and timeouts of a second or two."""
-    env = {"OPENAI_BASE_URL": fake_upstream_server.url, "OPENAI_API_KEY": API_KEY, **FAST_LIFECYCLE}
-    server = start_gunicorn("fast", tmp_path_factory, env)
-    yield server
-    server.stop()
+    """The session's gunicorn with heartbeats every 0.25 s and timeouts of a second or two."""
+    with Gunicorns(tmp_path_factory, fake_upstream_server.url) as gunicorns:
+        yield gunicorns.start(FAST_LIFECYCLE, name="fast")
 
 
 @pytest.fixture
-def demo_gunicorn(tmp_path_factory):
+def demo_gunicorn(start_gunicorn):
     """gunicorn with no OPENAI_* or CHAT_* variables at all: the demo model answers."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("OPENAI_", "CHAT_"))}
-    server = start_gunicorn("demo", tmp_path_factory, env, inherit=False)
-    yield server
-    server.stop()
+    return start_gunicorn(name="demo", upstream=False)
 
 
-# --- A streaming client -----------------------------------------------------------------------
+@pytest.fixture
+def start_nginx(tmp_path_factory):
+    """`start(name, app_servers, replace)` starts an nginx of the test's own (see `Nginxes.start`)."""
+    with Nginxes(tmp_path_factory) as nginxes:
+        yield nginxes.start
 
 
-@dataclass
-class Reply:
-    status: int
-    headers: dict
-    raw: bytes  # the body exactly as it arrived (de-chunked)
-    arrivals: list  # (monotonic time, bytes) per read
-    started: float
-
-    @property
-    def data(self):
-        """The `data:` payloads, parsed where they are JSON (every event of ours is one `data:` line)."""
-        out = []
-        for line in self.raw.decode().split("\n"):
-            if line.startswith("data: "):
-                payload = line[6:]
-                out.append(payload if payload == "[DONE]" else json.loads(payload))
-        return out
-
-    @property
-    def text(self):
-        """Rebuild the reply the way the article's client does: append every content."""
-        return "".join(d.get("content", "") for d in self.data if isinstance(d, dict))
-
-    def first_time(self, marker=b'data: {"content": "'):
-        """Seconds from the request to the first read that held `marker`."""
-        seen = b""
-        for when, chunk in self.arrivals:
-            seen += chunk
-            if marker in seen:
-                return when - self.started
-        return None
+@pytest.fixture(scope="session")
+def browser():
+    """One Chromium for the session; each test gets its own context and page."""
+    with running_chromium() as chromium:
+        yield chromium
 
 
-def open_chat(base_url, body, headers=None, timeout=30):
-    """POST /api/chat and return (connection, response) once the status line and headers are in."""
-    address, _, prefix = base_url.split("//")[1].partition("/")
-    host, port = address.split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
-    payload = body if isinstance(body, bytes) else json.dumps(body).encode()
-    connection.request(
-        "POST",
-        f"/{prefix}/api/chat".replace("//", "/"),
-        body=payload,
-        headers={"Content-Type": "application/json", **(headers or {})},
-    )
-    return connection, connection.getresponse()
+@pytest.fixture
+def page(browser):
+    """A fresh page; a JavaScript error in it fails the test."""
+    with fresh_page(browser) as page:
+        yield page
 
 
-def hang_up(connection, response):
-    """Close our end of the connection for real (the response holds the socket open too)."""
-    response.close()
-    connection.close()
+@pytest.fixture(scope="session")
+def node():
+    """Node's path, for the JavaScript clients; a missing one skips, or fails in CI."""
+    path = shutil.which("node")
+    if path is None:
+        unavailable("node is not installed (apt-get install nodejs npm; .ci/run does)")
+    return path
 
 
-def post_chat(base_url, body, headers=None, timeout=30, until=None):
-    """POST /api/chat and read the reply as it arrives; with `until`, hang up once those bytes arrived."""
-    started = time.monotonic()
-    connection, response = open_chat(base_url, body, headers, timeout)
-    arrivals, raw = [], b""
-    while chunk := response.read1(65536):
-        arrivals.append((time.monotonic(), chunk))
-        raw += chunk
-        if until is not None and until in raw:
-            break
-    hang_up(connection, response)
-    return Reply(response.status, dict(response.getheaders()), raw, arrivals, started)
+@pytest.fixture(scope="session")
+def js_clients(node):
+    """Node's path, once `npm ci` in tests/ has installed the JavaScript clients tests/package.json pins."""
+    if not (ROOT / "tests" / "node_modules").is_dir():
+        unavailable("the JavaScript clients are not installed (npm ci in tests/; .ci/run does)")
+    return node

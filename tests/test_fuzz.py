@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app import PARAMETERS, create_app
-from conftest import API_KEY, start_gunicorn
+from fake_upstream import API_KEY
 
 MODELS = ["gpt-test", "other"]
 LIMITS = {  # small, so that every limit is within reach of the generated bodies
@@ -318,11 +318,9 @@ def test_generated_bodies_against_the_app(upstream, caplog):
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
 
 
-def test_generated_bodies_against_gunicorn(fake_upstream_server, tmp_path_factory):
+def test_generated_bodies_against_gunicorn(upstream, start_gunicorn):
     """A smaller sample over real sockets to a gevent worker: no 5xx, no traceback in its log."""
-    fake_upstream_server.reset()
-    env = {"OPENAI_BASE_URL": fake_upstream_server.url, "OPENAI_API_KEY": API_KEY}
-    server = start_gunicorn("fuzz", tmp_path_factory, {**env, **{k: str(v) for k, v in SETTINGS.items()}})
+    server = start_gunicorn({k: str(v) for k, v in SETTINGS.items()}, name="fuzz")
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
 
     def send(data, content_type):
@@ -334,11 +332,10 @@ def test_generated_bodies_against_gunicorn(fake_upstream_server, tmp_path_factor
         return response.status, reply
 
     try:
-        counts = fuzz(send, fake_upstream_server, examples=200)
+        counts = fuzz(send, upstream, examples=200)
     finally:
         connection.close()
-        server.stop()
-    log = server.log_path.read_text()
+    log = server.log()
 
     print("fuzz, gunicorn:", dict(counts))
     assert counts["valid"] >= 20 and counts["invalid"] >= 50

@@ -3,39 +3,22 @@
 Against a live gunicorn (gevent worker) with heartbeats every 0.25 s and timeouts of 1.5 to 3 s.
 """
 
-import http.client
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import time
 
 import pytest
 
-from conftest import API_KEY, FAST_LIFECYCLE, free_port, hang_up, open_chat, post_chat, start_gunicorn
+from chat_client import hang_up, open_chat, post_chat
+from fake_upstream import API_KEY
+from live_servers import FAST_LIFECYCLE, free_port, healthz, stream_log_lines, wait_for
 
 HI = {"messages": [{"role": "user", "content": "Hi"}]}
 FIRST_CONTENT = b'data: {"content"'
-
-
-def healthz(server):
-    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
-    connection.request("GET", "/healthz")
-    return json.loads(connection.getresponse().read())
-
-
-def wait_for(condition, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
-
-
-def stream_log_lines(server):
-    return [line for line in server.log().splitlines() if " stream " in line and " end=" in line]
 
 
 # --- Heartbeats -------------------------------------------------------------------------------
@@ -72,28 +55,30 @@ def test_heartbeats_fill_a_silence_between_tokens(fast_gunicorn, upstream):
 # --- A client that leaves costs nothing ---------------------------------------------------------
 
 
+def hang_up_and_time_the_upstream(connection, response, upstream, while_what):
+    """Hang up; return the one upstream request and the seconds until its connection was closed too."""
+    hang_up(connection, response)
+    left = time.monotonic()
+    [received] = upstream.received
+    assert received.hung_up.wait(3), "the upstream never saw its connection closed"
+    delay = received.hung_up_at - left
+    print(f"\nhang-up to upstream close, {while_what}: {delay * 1000:.0f} ms")
+    return received, delay
+
+
 def test_client_gone_while_tokens_flow_closes_the_upstream(fast_gunicorn, upstream):
     upstream.reset(tokens=[f"t{i} " for i in range(200)], delay=0.02)
     connection, response = open_chat(fast_gunicorn.url, HI)
     while FIRST_CONTENT not in response.read1(65536):
         pass
-    hang_up(connection, response)
-    left = time.monotonic()
-
-    [received] = upstream.received
-    assert received.hung_up.wait(2), "the upstream never saw its connection closed"
-    delay = received.hung_up_at - left
-    print(f"\nhang-up to upstream close, tokens flowing every 20 ms: {delay * 1000:.0f} ms")
+    received, _ = hang_up_and_time_the_upstream(connection, response, upstream, "tokens flowing every 20 ms")
     assert len(received.sent) < 100  # far from the 200 tokens nobody would read
     assert wait_for(lambda: any("end=client_gone" in line for line in stream_log_lines(fast_gunicorn)))
 
 
 @pytest.fixture
-def one_second_heartbeat_gunicorn(fake_upstream_server, tmp_path_factory):
-    env = {"OPENAI_BASE_URL": fake_upstream_server.url, "OPENAI_API_KEY": API_KEY, "CHAT_HEARTBEAT_SECONDS": "1"}
-    server = start_gunicorn("heartbeat1", tmp_path_factory, env)
-    yield server
-    server.stop()
+def one_second_heartbeat_gunicorn(start_gunicorn):
+    return start_gunicorn({"CHAT_HEARTBEAT_SECONDS": "1"}, name="heartbeat1")
 
 
 def test_client_gone_during_a_silence_closes_the_upstream_within_a_heartbeat(one_second_heartbeat_gunicorn, upstream):
@@ -101,13 +86,7 @@ def test_client_gone_during_a_silence_closes_the_upstream_within_a_heartbeat(one
     upstream.reset(tokens=["never sent"], hold=30)
     connection, response = open_chat(one_second_heartbeat_gunicorn.url, HI)
     assert response.read1(65536).startswith(b": ok")
-    hang_up(connection, response)
-    left = time.monotonic()
-
-    [received] = upstream.received
-    assert received.hung_up.wait(3), "the upstream never saw its connection closed"
-    delay = received.hung_up_at - left
-    print(f"\nhang-up to upstream close, during a silence (heartbeat 1 s): {delay * 1000:.0f} ms")
+    received, delay = hang_up_and_time_the_upstream(connection, response, upstream, "during a silence (heartbeat 1 s)")
     assert delay < 1.5
     assert received.sent == []
 
@@ -166,21 +145,21 @@ def test_upstream_refusal_becomes_an_http_status(
         assert API_KEY[:12] not in error["message"]
 
 
-def test_upstream_that_cannot_be_reached_is_502(tmp_path_factory):
-    closed_port = free_port()
-    env = {"OPENAI_BASE_URL": f"http://127.0.0.1:{closed_port}/v1", "OPENAI_API_KEY": API_KEY}
-    server = start_gunicorn("unreachable", tmp_path_factory, {**env, "CHAT_UPSTREAM_RETRIES": "0"})
-    try:
-        reply = post_chat(server.url, HI)
-    finally:
-        server.stop()
+def test_upstream_that_cannot_be_reached_is_502(start_gunicorn):
+    nobody = f"http://127.0.0.1:{free_port()}/v1"
+    server = start_gunicorn({"OPENAI_BASE_URL": nobody, "CHAT_UPSTREAM_RETRIES": "0"}, name="unreachable")
+    reply = post_chat(server.url, HI)
+
     assert reply.status == 502
     assert json.loads(reply.raw)["error"]["code"] == "upstream_unreachable"
 
 
-def test_upstream_that_sends_no_headers_is_504(fast_gunicorn, upstream):
+def test_upstream_that_sends_no_headers_is_504(start_gunicorn, upstream):
+    """With short timeouts and no retry (the refusals above test it): one wait for the headers."""
+    settings = {"CHAT_FIRST_TOKEN_TIMEOUT": "0.5", "CHAT_IDLE_TIMEOUT": "0.5", "CHAT_UPSTREAM_RETRIES": "0"}
+    server = start_gunicorn(settings, name="no-retry")
     upstream.reset(stall_headers=10)
-    reply = post_chat(fast_gunicorn.url, HI)
+    reply = post_chat(server.url, HI)
 
     assert reply.status == 504
     assert json.loads(reply.raw)["error"]["code"] == "upstream_timeout"
@@ -210,7 +189,7 @@ def test_failure_after_the_first_byte_is_one_error_event(fast_gunicorn, upstream
     assert reply.data[-1] == errors[0]  # the error ends the stream
     assert "[DONE]" not in reply.data
     assert "upstream" not in errors[0]["error"] and "Traceback" not in errors[0]["error"]
-    assert upstream.received[0].hung_up.wait(2) or upstream.received[0].finished.wait(2)
+    assert upstream.received[0].finished.wait(2)  # the upstream's handler ended: sent all, or was hung up on
     if code.endswith(("timeout", "duration")):
         assert upstream.received[0].hung_up.wait(2), "a timed-out upstream must be closed"
 
@@ -259,21 +238,18 @@ def test_the_api_key_never_reaches_a_log_or_a_client(fast_gunicorn, upstream):
     assert API_KEY not in reply.raw.decode() and API_KEY[-10:] not in reply.raw.decode()
     assert API_KEY[-10:] not in cut.raw.decode()
     assert upstream.received[0].headers["Authorization"] == f"Bearer {API_KEY}"  # it was used, though
-    time.sleep(0.2)
+    cut_id = cut.headers["X-Request-Id"]
+    assert wait_for(lambda: any(f"stream {cut_id} " in line for line in stream_log_lines(fast_gunicorn)))
     assert API_KEY[-10:] not in fast_gunicorn.log()
 
 
 # --- Graceful shutdown -------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def doomed_gunicorn(fake_upstream_server, tmp_path_factory):
-    """A gunicorn of our own to stop: graceful_timeout 5 s."""
-    env = {"OPENAI_BASE_URL": fake_upstream_server.url, "OPENAI_API_KEY": API_KEY, **FAST_LIFECYCLE}
-    env.update(CHAT_FIRST_TOKEN_TIMEOUT="30", CHAT_IDLE_TIMEOUT="30", CHAT_MAX_DURATION="30")
-    server = start_gunicorn("doomed", tmp_path_factory, env, ["--graceful-timeout", "5"])
-    yield server
-    server.stop()
+def start_doomed_gunicorn(start_gunicorn, graceful_timeout):
+    """A gunicorn of the test's own to stop, whose streams would run for 30 s."""
+    env = {**FAST_LIFECYCLE, "CHAT_FIRST_TOKEN_TIMEOUT": "30", "CHAT_IDLE_TIMEOUT": "30", "CHAT_MAX_DURATION": "30"}
+    return start_gunicorn({**env, "GUNICORN_GRACEFUL_TIMEOUT": str(graceful_timeout)}, name="doomed")
 
 
 def refuses_connections(port):
@@ -284,32 +260,34 @@ def refuses_connections(port):
     return False
 
 
-def test_sigterm_lets_running_streams_finish_and_refuses_new_ones(doomed_gunicorn, upstream):
+def test_sigterm_lets_running_streams_finish_and_refuses_new_ones(start_gunicorn, upstream):
+    doomed = start_doomed_gunicorn(start_gunicorn, graceful_timeout=10)  # ample for the 2 s stream
     tokens = [f"t{i} " for i in range(40)]
     upstream.reset(tokens=tokens, delay=0.05)
-    connection, response = open_chat(doomed_gunicorn.url, HI)
+    connection, response = open_chat(doomed.url, HI)
     raw = response.read1(65536)
     while FIRST_CONTENT not in raw:
         raw += response.read1(65536)
 
-    doomed_gunicorn.process.send_signal(signal.SIGTERM)
-    assert wait_for(lambda: refuses_connections(doomed_gunicorn.port), timeout=3)
+    doomed.process.send_signal(signal.SIGTERM)
+    assert wait_for(lambda: refuses_connections(doomed.port), timeout=3)
     while chunk := response.read1(65536):
         raw += chunk
     hang_up(connection, response)
 
     assert raw.endswith(b"data: [DONE]\n\n")
     assert raw.count(FIRST_CONTENT) == 40 + 1  # every token, then the end event
-    assert doomed_gunicorn.process.wait(10) == 0
-    assert any("end=done" in line for line in stream_log_lines(doomed_gunicorn))
+    assert doomed.process.wait(10) == 0
+    assert any("end=done" in line for line in stream_log_lines(doomed))
 
 
-def test_stream_outliving_graceful_timeout_ends_with_a_shutdown_error(doomed_gunicorn, upstream):
+def test_stream_outliving_graceful_timeout_ends_with_a_shutdown_error(start_gunicorn, upstream):
     """A worker told to stop (a reload sends SIGTERM to old workers) ends what is left after graceful_timeout,
     with an error event, so that a client can tell a restart from a complete reply."""
+    doomed = start_doomed_gunicorn(start_gunicorn, graceful_timeout=1)
     upstream.reset(tokens=["a"], hold=60)
-    worker_pid = int(re.search(r"Booting worker with pid: (\d+)", doomed_gunicorn.log()).group(1))
-    connection, response = open_chat(doomed_gunicorn.url, HI)
+    worker_pid = int(re.search(r"Booting worker with pid: (\d+)", doomed.log()).group(1))
+    connection, response = open_chat(doomed.url, HI)
     assert response.read1(65536).startswith(b": ok")
 
     os.kill(worker_pid, signal.SIGTERM)
@@ -320,11 +298,26 @@ def test_stream_outliving_graceful_timeout_ends_with_a_shutdown_error(doomed_gun
 
     assert raw.endswith(b'"code": "server_shutdown"}\n\n')
     assert b"[DONE]" not in raw
-    assert wait_for(lambda: any("end=shutdown" in line for line in stream_log_lines(doomed_gunicorn)))
+    assert wait_for(lambda: any("end=shutdown" in line for line in stream_log_lines(doomed)))
     assert upstream.received[0].hung_up.wait(2)
 
 
-def test_a_closed_client_is_seen_past_descriptor_1024():
+@pytest.fixture
+def room_for_descriptors():
+    """Let this process open 2048 files for the test, whatever `ulimit -n` says (often 1024). Past
+    the hard limit (`ulimit -n 1024` in bash sets it too) only CAP_SYS_RESOURCE may go: else skip."""
+    limits = soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < 2048:
+        raised_hard = hard if hard == resource.RLIM_INFINITY else max(hard, 2048)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (2048, raised_hard))
+        except (ValueError, OSError):
+            pytest.skip(f"needs 2048 open files; the hard limit is {hard}, and raising it needs CAP_SYS_RESOURCE")
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+
+
+def test_a_closed_client_is_seen_past_descriptor_1024(room_for_descriptors):
     """select() refuses descriptors past 1024, which a worker with ~500 streams already uses."""
     from app import Client
 

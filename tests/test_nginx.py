@@ -8,10 +8,8 @@ import http.client
 import json
 import os
 import re
-import shutil
 import signal
 import socket
-import subprocess
 import threading
 import time
 import zlib
@@ -19,79 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, LiveServer, free_port, post_chat, start_gunicorn
+from chat_client import FLOOD, post_chat, stalled_client
+from live_servers import ROOT, free_port, stream_log_lines, wait_for
+from nginx_server import nginx_check, render, with_directive
 
-CONF = ROOT / "nginx.conf"
 HI = {"messages": [{"role": "user", "content": "Hi"}]}
 LIMIT = 1_048_576  # the app's CHAT_MAX_BODY_BYTES default; nginx.conf says `client_max_body_size 1m`
-
-
-def nginx_binary():
-    """Return nginx's path; a missing nginx skips on a developer's machine and fails in CI."""
-    # Debian puts it in /usr/sbin, which only root's PATH has.
-    path = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("nginx is not installed; .ci/run installs Debian's package")
-        pytest.skip("nginx is not installed (apt-get install nginx)")
-    return path
-
-
-def render(directory, port, app_servers, replace=()):
-    """Write nginx.conf into `directory` listening on `port`, proxying to `app_servers`; return its path."""
-    text = CONF.read_text()
-    server_line = re.search(r"^(\s*)server 127\.0\.0\.1:8000( [^;\n]*)?;$", text, re.M)
-    assert server_line, "nginx.conf has no `server 127.0.0.1:8000 ...;` line in its upstream block"
-    indent, params = server_line.group(1), server_line.group(2) or ""
-    servers = "\n".join(f"{indent}server {address}{params};" for address in app_servers)
-    temp_paths = "".join(
-        f"\n    {kind}_temp_path {directory}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
-    pairs = [
-        (server_line.group(0), servers),
-        ("listen 80;", f"listen 127.0.0.1:{port};"),
-        ("/srv/chat/static", str(ROOT / "static")),
-        ("/var/log/nginx/", f"{directory}/"),
-        ("/run/nginx.pid", f"{directory}/nginx.pid"),
-        # www-data cannot enter pytest's private temp dir; as non-root, `user` would only warn.
-        ("user www-data;", "user root;" if os.geteuid() == 0 else ""),
-        ("\nhttp {", "\nhttp {" + temp_paths),  # the compiled-in temp paths need root
-        *replace,
-    ]
-    for old, new in pairs:
-        assert old in text, f"nginx.conf no longer contains {old!r}"
-        text = text.replace(old, new)
-    path = Path(directory) / "nginx.conf"
-    path.write_text(text)
-    return path
-
-
-class Nginx(LiveServer):
-    """nginx in the foreground on a free port, its logs and temp files in its own directory."""
-
-    def __init__(self, name, directory, app_servers, replace=()):
-        self.directory = Path(directory)
-        port = free_port()
-        self.conf = render(directory, port, app_servers, replace)
-        command = [nginx_binary(), "-p", str(directory), "-e", str(self.directory / "error.log")]
-        command += ["-c", str(self.conf), "-g", "daemon off;"]
-        # Ready when the port accepts: no URL of the config under test is assumed to work.
-        super().__init__(name, command, port, log_dir=directory, ready_path=None)
-
-    def log(self):
-        error_log = self.directory / "error.log"
-        return super().log() + (error_log.read_text(errors="replace") if error_log.exists() else "")
-
-
-def start_nginx(name, tmp_path_factory, app_servers, replace=()):
-    nginx_binary()  # skip or fail before making a directory
-    return Nginx(name, tmp_path_factory.mktemp(name), [s.url.split("//")[1] for s in app_servers], replace)
-
-
-def with_directive(old, new):
-    """One replacement for `render`: a directive as nginx.conf has it, and what a test wants instead."""
-    assert old in CONF.read_text(), f"nginx.conf no longer contains {old!r}"
-    return (old, new)
 
 
 def stream(url, body=HI, headers=None, **kwargs):
@@ -115,98 +46,73 @@ def request(server, method, path, body=None, headers=None):
 # --- Fixtures: nginx in front of the session's gunicorn, and variants ----------------------------
 
 
-@pytest.fixture(scope="module")
-def nginx(gunicorn, fake_upstream_server, tmp_path_factory):
+@pytest.fixture
+def nginx(start_nginx, gunicorn, fake_upstream_server):
     """The shipped nginx.conf, in front of the session's gunicorn."""
-    server = start_nginx("nginx", tmp_path_factory, [gunicorn])
+    server = start_nginx("nginx", [gunicorn])
     # The first stream of a fresh worker builds its SDK client (bench/ measures that cold start);
-    # these tests time nginx, so pay for it here if this module runs first.
+    # these tests time nginx, so pay for it here.
     fake_upstream_server.reset()
     post_chat(server.url, HI)
-    yield server
-    server.stop()
+    return server
 
 
+SSE_LOCATION = "location ~ ^/api/(ui-)?chat$ {"
 UNHELPED = [  # gzip for text/event-stream in the http block, and the app's X-Accel-Buffering ignored
     with_directive("gzip_types text/css", "gzip_types text/event-stream text/css"),
-    with_directive("location = /api/chat {", "location = /api/chat {\n proxy_ignore_headers X-Accel-Buffering;"),
+    with_directive(SSE_LOCATION, SSE_LOCATION + "\n proxy_ignore_headers X-Accel-Buffering;"),
 ]
 
 
-@pytest.fixture(scope="module")
-def nginx_unhelped(gunicorn, tmp_path_factory):
+@pytest.fixture
+def nginx_unhelped(start_nginx, gunicorn):
     """The SSE location on its own: the http block gzips text/event-stream too, and the app's
     `X-Accel-Buffering: no` is ignored, so only the location's directives keep the stream raw."""
-    server = start_nginx("nginx-unhelped", tmp_path_factory, [gunicorn], UNHELPED)
-    yield server
-    server.stop()
+    return start_nginx("nginx-unhelped", [gunicorn], UNHELPED)
 
 
-@pytest.fixture(scope="module")
-def nginx_gzipping(gunicorn, tmp_path_factory):
+@pytest.fixture
+def nginx_gzipping(start_nginx, gunicorn):
     """nginx_unhelped with gzip on in the SSE location too: only `proxy_buffering off` is left."""
-    replace = [*UNHELPED, with_directive("            gzip off;", "            gzip on;")]
-    server = start_nginx("nginx-gzipping", tmp_path_factory, [gunicorn], replace)
-    yield server
-    server.stop()
+    return start_nginx(
+        "nginx-gzipping", [gunicorn], [*UNHELPED, with_directive("            gzip off;", "            gzip on;")]
+    )
 
 
-@pytest.fixture(scope="module")
-def nginx_no_app(tmp_path_factory):
+@pytest.fixture
+def nginx_no_app(start_nginx):
     """The shipped config with nothing listening at its app server's address."""
-    nginx_binary()
-    directory = tmp_path_factory.mktemp("nginx-no-app")
-    server = Nginx("nginx-no-app", directory, [f"127.0.0.1:{free_port()}"])
-    yield server
-    server.stop()
+    return start_nginx("nginx-no-app", [f"127.0.0.1:{free_port()}"])
 
 
-SHORT_READ_TIMEOUT = with_directive("proxy_read_timeout 300s;", "proxy_read_timeout 2s;")
+SHORT_READ_TIMEOUT = with_directive("proxy_read_timeout 300s;", "proxy_read_timeout 1s;")
+HEARTBEAT = 0.5  # seconds: the heartbeat_gunicorn's CHAT_HEARTBEAT_SECONDS, well inside that timeout
 
 
-HEARTBEAT = 1.0  # seconds: the heartbeat_gunicorn's CHAT_HEARTBEAT_SECONDS
+@pytest.fixture
+def heartbeat_gunicorn(start_gunicorn):
+    return start_gunicorn({"CHAT_HEARTBEAT_SECONDS": str(HEARTBEAT)}, name="gunicorn-heartbeat")
 
 
-@pytest.fixture(scope="module")
-def heartbeat_gunicorn(fake_upstream_server, tmp_path_factory):
-    env = {"OPENAI_BASE_URL": fake_upstream_server.url, "OPENAI_API_KEY": "sk-test"}
-    env["CHAT_HEARTBEAT_SECONDS"] = str(HEARTBEAT)
-    server = start_gunicorn("gunicorn-heartbeat", tmp_path_factory, env)
-    yield server
-    server.stop()
+@pytest.fixture
+def nginx_heartbeat(start_nginx, heartbeat_gunicorn):
+    """The shipped config in front of a gunicorn that pings every half second."""
+    return start_nginx("nginx-heartbeat", [heartbeat_gunicorn])
 
 
-@pytest.fixture(scope="module")
-def nginx_heartbeat(heartbeat_gunicorn, tmp_path_factory):
-    """The shipped config in front of a gunicorn that pings every second."""
-    server = start_nginx("nginx-heartbeat", tmp_path_factory, [heartbeat_gunicorn])
-    yield server
-    server.stop()
+@pytest.fixture
+def nginx_short_timeout(start_nginx, heartbeat_gunicorn):
+    """proxy_read_timeout 1s in front of a gunicorn that pings every half second."""
+    return start_nginx("nginx-short", [heartbeat_gunicorn], [SHORT_READ_TIMEOUT])
 
 
-@pytest.fixture(scope="module")
-def nginx_short_timeout(heartbeat_gunicorn, tmp_path_factory):
-    """proxy_read_timeout 2s in front of a gunicorn that pings every second."""
-    server = start_nginx("nginx-short", tmp_path_factory, [heartbeat_gunicorn], [SHORT_READ_TIMEOUT])
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def nginx_short_timeout_no_heartbeat(gunicorn, tmp_path_factory):
-    """proxy_read_timeout 2s in front of the session's gunicorn (heartbeat 15 s): the control."""
-    server = start_nginx("nginx-short-control", tmp_path_factory, [gunicorn], [SHORT_READ_TIMEOUT])
-    yield server
-    server.stop()
+@pytest.fixture
+def nginx_short_timeout_no_heartbeat(start_nginx, gunicorn):
+    """proxy_read_timeout 1s in front of the session's gunicorn (heartbeat 15 s): the control."""
+    return start_nginx("nginx-short-control", [gunicorn], [SHORT_READ_TIMEOUT])
 
 
 # --- The config itself -------------------------------------------------------------------------
-
-
-def nginx_check(conf, directory):
-    """Run `nginx -t` on `conf`, with its logs in `directory`."""
-    command = [nginx_binary(), "-t", "-p", str(directory), "-e", str(directory / "error.log"), "-c", str(conf)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=30)
 
 
 def test_nginx_accepts_the_config(tmp_path):
@@ -261,6 +167,18 @@ def test_stream_is_neither_gzipped_nor_delayed(proxy, request, upstream):
     assert reply.first_time() < 0.3
 
 
+def test_the_ai_sdk_stream_takes_the_stream_location(nginx_unhelped, upstream):
+    """/api/ui-chat is a stream too: anywhere but the SSE location it would be gzipped, or held back."""
+    upstream.reset(tokens=[f"t{i} " for i in range(10)], delay=0.05)
+    body = {"messages": [{"id": "m1", "role": "user", "parts": [{"type": "text", "text": "Hi"}]}]}
+    reply = post_chat(nginx_unhelped.url, body, headers={"Accept-Encoding": "gzip"}, path="/api/ui-chat")
+
+    assert reply.status == 200
+    assert "Content-Encoding" not in reply.headers
+    assert reply.data[-1] == "[DONE]"
+    assert reply.first_time(b'"type": "text-delta"') < 0.3
+
+
 def test_unbuffered_stream_stays_live_even_when_gzipped(nginx_gzipping, upstream):
     """Fails without `proxy_buffering off`: buffered and gzipped, the reply came in one read at the end."""
     upstream.reset(tokens=[f"t{i} " for i in range(30)], delay=0.05)
@@ -278,8 +196,8 @@ def test_unbuffered_stream_stays_live_even_when_gzipped(nginx_gzipping, upstream
 
 
 def test_heartbeats_keep_a_silent_stream_alive_past_proxy_read_timeout(nginx_short_timeout, upstream):
-    """A 3 s silence behind a 2 s proxy_read_timeout: a `: ping` every second keeps nginx reading."""
-    upstream.reset(tokens=["Hel", "lo"], hold=3.0)
+    """A 1.5 s silence behind a 1 s proxy_read_timeout: a `: ping` every half second keeps nginx reading."""
+    upstream.reset(tokens=["Hel", "lo"], hold=1.5)
     reply = stream(nginx_short_timeout.url)
 
     assert reply is not None, "nginx cut the stream:\n" + nginx_short_timeout.log()
@@ -291,7 +209,7 @@ def test_heartbeats_keep_a_silent_stream_alive_past_proxy_read_timeout(nginx_sho
 
 def test_without_heartbeats_a_silence_past_proxy_read_timeout_is_cut(nginx_short_timeout_no_heartbeat, upstream):
     """The control for the test above: the same silence with no ping in it never completes."""
-    upstream.reset(tokens=["Hel", "lo"], hold=3.0)
+    upstream.reset(tokens=["Hel", "lo"], hold=1.5)
     reply = stream(nginx_short_timeout_no_heartbeat.url)
 
     assert reply is None or reply.status != 200 or "[DONE]" not in reply.data
@@ -308,6 +226,25 @@ def test_client_hang_up_while_tokens_flow_closes_the_upstream(nginx, upstream):
     assert received.hung_up.wait(2), "the upstream never saw the client leave:\n" + nginx.log()
     assert received.hung_up_at - hung_up_at < 1.0
     assert len(received.sent) < 30
+
+
+def test_a_client_that_stops_reading_is_let_go_behind_nginx(start_nginx, start_gunicorn, upstream):
+    """nginx.conf's send_timeout agrees with CHAT_SEND_TIMEOUT (both scaled down to 1 s here): nginx stops
+    reading from gunicorn while it cannot write, so whichever notices first, the model request ends."""
+    app = start_gunicorn({"CHAT_SEND_TIMEOUT": "1", "CHAT_HEARTBEAT_SECONDS": "0.5"}, name="stall-app")
+    proxy = start_nginx("nginx-stall", [app], [with_directive("send_timeout 30s;", "send_timeout 1s;")])
+    upstream.reset(tokens=FLOOD)
+    client = stalled_client(proxy.port)
+    started = time.monotonic()
+    try:
+        assert wait_for(lambda: upstream.received, 5)
+        [received] = upstream.received
+        assert received.hung_up.wait(6), "the upstream of a stalled client stayed open:\n" + proxy.log()
+        assert received.hung_up_at - started < 1 + 0.5 + 2
+        assert wait_for(lambda: stream_log_lines(app))
+        assert re.search(r"end=client_(stalled|gone)", stream_log_lines(app)[-1])
+    finally:
+        client.close()
 
 
 def test_client_hang_up_during_a_silence_closes_the_upstream(nginx_heartbeat, upstream):
@@ -375,55 +312,41 @@ def test_nginx_body_limit_is_the_apps(nginx_no_app):
     assert json.loads(body)["error"]["code"] == "body_too_large"
 
 
-def test_per_client_stream_limit_answers_429(gunicorn, upstream, tmp_path_factory):
+def test_per_client_stream_limit_answers_429(start_nginx, gunicorn, upstream):
     """Rendered with a limit of 2: the third concurrent stream from one address is refused."""
     limit = with_directive("limit_conn chat_streams 10;", "limit_conn chat_streams 2;")
-    server = start_nginx("nginx-limit", tmp_path_factory, [gunicorn], [limit])
-    try:
-        upstream.reset(tokens=[f"t{i} " for i in range(10)], delay=0.1)
-        replies = []
-        threads = [threading.Thread(target=lambda: replies.append(post_chat(server.url, HI))) for _ in range(2)]
-        for thread in threads:
-            thread.start()
-        deadline = time.monotonic() + 5
-        while len(upstream.received) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
+    server = start_nginx("nginx-limit", [gunicorn], [limit])
+    upstream.reset(tokens=[f"t{i} " for i in range(10)], delay=0.1)
+    replies = []
+    threads = [threading.Thread(target=lambda: replies.append(post_chat(server.url, HI))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 5
+    while len(upstream.received) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
 
-        status, headers, body = request(
-            server, "POST", "/api/chat", json.dumps(HI), {"Content-Type": "application/json"}
-        )
-        assert status == 429
-        assert headers["Retry-After"] == "5"
-        assert json.loads(body)["error"]["code"] == "too_many_connections"
+    status, headers, body = request(server, "POST", "/api/chat", json.dumps(HI), {"Content-Type": "application/json"})
+    assert status == 429
+    assert headers["Retry-After"] == "5"
+    assert json.loads(body)["error"]["code"] == "too_many_connections"
 
-        for thread in threads:
-            thread.join(10)
-        assert [reply.data[-1] for reply in replies] == ["[DONE]", "[DONE]"]
-        assert post_chat(server.url, HI).status == 200  # the slots are free again
-    finally:
-        server.stop()
+    for thread in threads:
+        thread.join(10)
+    assert [reply.data[-1] for reply in replies] == ["[DONE]", "[DONE]"]
+    assert post_chat(server.url, HI).status == 200  # the slots are free again
 
 
 # --- Scale-out: two app servers behind one nginx -----------------------------------------------
 
 
 @pytest.fixture
-def two_app_servers(fake_upstream_server, tmp_path_factory):
+def two_app_servers(start_gunicorn, start_nginx):
     """Two gunicorns, each telling the upstream who it is through its system prompt, behind one nginx."""
-    servers = {}
-    for name in ("a", "b"):
-        env = {"OPENAI_BASE_URL": fake_upstream_server.url, "OPENAI_API_KEY": "sk-test"}
-        env["CHAT_SYSTEM_PROMPT"] = f"instance {name}"
-        servers[name] = start_gunicorn(f"gunicorn-{name}", tmp_path_factory, env)
+    servers = {
+        name: start_gunicorn({"CHAT_SYSTEM_PROMPT": f"instance {name}"}, name=f"gunicorn-{name}") for name in "ab"
+    }
     more_streams = with_directive("limit_conn chat_streams 10;", "limit_conn chat_streams 100;")
-    proxy = start_nginx("nginx-pair", tmp_path_factory, list(servers.values()), [more_streams])
-    yield proxy, servers
-    proxy.stop()
-    for server in servers.values():  # both shut down at once, then wait for each
-        if server.process.poll() is None:
-            server.process.terminate()
-    for server in servers.values():
-        server.stop()
+    return start_nginx("nginx-pair", servers.values(), [more_streams]), servers
 
 
 def served_by(received):

@@ -3,41 +3,27 @@
 Against a live gunicorn (gevent worker), and the development server where it differs.
 """
 
-import http.client
-import json
-import os
-import socket
 import sys
 import threading
 import time
 
 import pytest
 
-from conftest import API_KEY, FAST_LIFECYCLE, LiveServer, free_port, hang_up, open_chat, post_chat, start_gunicorn
+from chat_client import FLOOD, hang_up, open_chat, post_chat, stalled_client
+from live_servers import (
+    FAST_LIFECYCLE,
+    Gunicorns,
+    Servers,
+    free_port,
+    healthz,
+    server_environment,
+    stream_log_lines,
+    wait_for,
+)
 
 HI = {"messages": [{"role": "user", "content": "Hi"}]}
 SEND_TIMEOUT = 1.0  # CHAT_SEND_TIMEOUT of the servers below
 HEARTBEAT = float(FAST_LIFECYCLE["CHAT_HEARTBEAT_SECONDS"])
-FLOOD = [f"{i:06d} " + "x" * 90 for i in range(30_000)]  # ~3 MB, as fast as the upstream can send
-
-
-def wait_for(condition, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
-
-
-def stream_log_lines(server):
-    return [line for line in server.log().splitlines() if " stream " in line and " end=" in line]
-
-
-def healthz(server):
-    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
-    connection.request("GET", "/healthz")
-    return json.loads(connection.getresponse().read())
 
 
 def worker_rss_kb(server):
@@ -47,32 +33,12 @@ def worker_rss_kb(server):
     return int(status.split("VmRSS:")[1].split()[0])
 
 
-def stalled_client(port, body=HI):
-    """POST and then never read, with a receive buffer as small as the kernel allows."""
-    client = socket.socket()
-    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)  # before connect: the window stays small
-    client.connect(("127.0.0.1", port))
-    payload = json.dumps(body).encode()
-    client.sendall(
-        b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload)
-    )
-    return client
-
-
 @pytest.fixture(scope="module")
 def relay_gunicorn(fake_upstream_server, tmp_path_factory):
-    """gunicorn with a one-second send timeout and fast heartbeats."""
-    env = {
-        "OPENAI_BASE_URL": fake_upstream_server.url,
-        "OPENAI_API_KEY": API_KEY,
-        **FAST_LIFECYCLE,
-        "CHAT_MAX_DURATION": "30",
-        "CHAT_SEND_TIMEOUT": str(SEND_TIMEOUT),
-    }
-    server = start_gunicorn("relay", tmp_path_factory, env)
-    yield server
-    server.stop()
+    """gunicorn with a one-second send timeout and fast heartbeats, for this module."""
+    env = {**FAST_LIFECYCLE, "CHAT_MAX_DURATION": "30", "CHAT_SEND_TIMEOUT": str(SEND_TIMEOUT)}
+    with Gunicorns(tmp_path_factory, fake_upstream_server.url) as gunicorns:
+        yield gunicorns.start(env, name="relay")
 
 
 # --- A client that stops reading is let go ---------------------------------------------------------
@@ -117,27 +83,17 @@ def test_stalled_clients_do_not_grow_the_worker(relay_gunicorn, upstream):
             client.close()
 
 
-def test_deadlines_hold_while_a_write_is_blocked(fake_upstream_server, upstream, tmp_path_factory):
+def test_deadlines_hold_while_a_write_is_blocked(start_gunicorn, upstream):
     """With a send timeout far away, the stream's total duration still ends a stalled stream on time."""
-    env = {
-        "OPENAI_BASE_URL": fake_upstream_server.url,
-        "OPENAI_API_KEY": API_KEY,
-        **FAST_LIFECYCLE,
-        "CHAT_MAX_DURATION": "1",
-        "CHAT_SEND_TIMEOUT": "60",
-    }
-    server = start_gunicorn("blocked", tmp_path_factory, env)
-    try:
-        upstream.reset(tokens=FLOOD)
-        client = stalled_client(server.port)
-        started = time.monotonic()
-        assert wait_for(lambda: upstream.received, 5)
-        assert upstream.received[0].hung_up.wait(4)
-        assert upstream.received[0].hung_up_at - started < 3
-        assert wait_for(lambda: any("end=client_stalled" in line for line in stream_log_lines(server)))
-        client.close()
-    finally:
-        server.stop()
+    server = start_gunicorn({**FAST_LIFECYCLE, "CHAT_MAX_DURATION": "1", "CHAT_SEND_TIMEOUT": "60"}, name="blocked")
+    upstream.reset(tokens=FLOOD)
+    client = stalled_client(server.port)
+    started = time.monotonic()
+    assert wait_for(lambda: upstream.received, 5)
+    assert upstream.received[0].hung_up.wait(4)
+    assert upstream.received[0].hung_up_at - started < 3
+    assert wait_for(lambda: any("end=client_stalled" in line for line in stream_log_lines(server)))
+    client.close()
 
 
 # --- Upstreams that misbehave ----------------------------------------------------------------------
@@ -216,20 +172,12 @@ def test_reasoning_streams_and_counts_as_output_for_the_first_token_timeout(rela
 @pytest.fixture
 def dev_server(fake_upstream_server, tmp_path_factory):
     """`flask --app app run`: threads, no gevent."""
-    env = {
-        **os.environ,
-        "OPENAI_BASE_URL": fake_upstream_server.url,
-        "OPENAI_API_KEY": API_KEY,
-        **FAST_LIFECYCLE,
-        "CHAT_HEARTBEAT_SECONDS": "0.5",
-        "CHAT_SEND_TIMEOUT": str(SEND_TIMEOUT),
-        "CHAT_MAX_DURATION": "30",
-    }
+    settings = {**FAST_LIFECYCLE, "CHAT_HEARTBEAT_SECONDS": "0.5", "CHAT_SEND_TIMEOUT": str(SEND_TIMEOUT)}
+    env = server_environment({**settings, "CHAT_MAX_DURATION": "30"}, fake_upstream_server.url)
     port = free_port()
     command = [sys.executable, "-m", "flask", "--app", "app", "run", "--port", str(port)]
-    server = LiveServer("flask", command, port, env=env, log_dir=tmp_path_factory.mktemp("flask"))
-    yield server
-    server.stop()
+    with Servers(tmp_path_factory) as servers:
+        yield servers.run("flask", command, port, env=env)
 
 
 def test_dev_server_closes_the_upstream_within_a_heartbeat_of_a_hang_up(dev_server, upstream):

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from app import create_app
-from conftest import API_KEY, hang_up, open_chat, post_chat, start_gunicorn
+from chat_client import hang_up, open_chat, post_chat
+from fake_upstream import API_KEY
 
 HI = {"messages": [{"role": "user", "content": "Hi"}]}
 
@@ -69,12 +70,9 @@ def test_cors_allows_only_listed_origins(upstream):
 
 
 @pytest.fixture
-def capped_gunicorn(fake_upstream_server, tmp_path_factory):
-    env = {"OPENAI_BASE_URL": fake_upstream_server.url, "OPENAI_API_KEY": API_KEY, "CHAT_MAX_STREAMS": "2"}
-    env["CHAT_HEARTBEAT_SECONDS"] = "0.25"  # finds the hung-up streams quickly
-    server = start_gunicorn("capped", tmp_path_factory, env)
-    yield server
-    server.stop()
+def capped_gunicorn(start_gunicorn):
+    # Heartbeats every 0.25 s find the hung-up streams quickly.
+    return start_gunicorn({"CHAT_MAX_STREAMS": "2", "CHAT_HEARTBEAT_SECONDS": "0.25"}, name="capped")
 
 
 def test_stream_cap_answers_503_instead_of_queueing(capped_gunicorn, upstream):

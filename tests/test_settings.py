@@ -1,6 +1,5 @@
 """Settings are checked when the app is made: a wrong one stops the service with a sentence naming it."""
 
-import os
 import subprocess
 import sys
 
@@ -8,7 +7,7 @@ import pytest
 from flask import Flask
 
 from app import SettingError, chat, create_app
-from conftest import ROOT, free_port
+from live_servers import ROOT, free_port, server_environment
 
 # (setting, value as the environment gives it, words the sentence must contain)
 BAD_SETTINGS = [
@@ -87,7 +86,7 @@ def test_host_apps_own_value_wins_over_a_bad_one_in_the_environment(monkeypatch)
 )
 def test_gunicorn_with_a_bad_setting_says_which_and_exits(env, sentence):
     """Under gunicorn the worker cannot boot: the master stops, non-zero; our sentence is a line of its output."""
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CHAT_"))}, **env}
+    env = server_environment(env)
     command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:create_app()"]
     command += ["-b", f"127.0.0.1:{free_port()}", "-w", "1"]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)

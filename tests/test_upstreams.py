@@ -10,18 +10,11 @@ from email.utils import formatdate
 
 import pytest
 
-from conftest import API_KEY, FAST_LIFECYCLE, post_chat, start_gunicorn
+from chat_client import post_chat
+from fake_upstream import API_KEY
+from live_servers import FAST_LIFECYCLE, Gunicorns, wait_for
 
 HI = {"messages": [{"role": "user", "content": "Hi"}]}
-
-
-def wait_for(condition, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 def log_lines(server, words):
@@ -32,8 +25,6 @@ def log_lines(server, words):
 def dialect_gunicorn(fake_upstream_server, tmp_path_factory):
     """A server for a local model that thinks: extra fields, hidden reasoning, a retry allowed."""
     env = {
-        "OPENAI_BASE_URL": fake_upstream_server.url,
-        "OPENAI_API_KEY": API_KEY,
         **FAST_LIFECYCLE,
         "CHAT_MODEL": "qwen3",
         "CHAT_EXTRA_BODY": '{"chat_template_kwargs": {"enable_thinking": true}}',
@@ -41,9 +32,8 @@ def dialect_gunicorn(fake_upstream_server, tmp_path_factory):
         "CHAT_UPSTREAM_RETRIES": "1",
         "CHAT_RETRY_MAX_WAIT": "5",
     }
-    server = start_gunicorn("dialect", tmp_path_factory, env)
-    yield server
-    server.stop()
+    with Gunicorns(tmp_path_factory, fake_upstream_server.url) as gunicorns:
+        yield gunicorns.start(env, name="dialect")
 
 
 # --- Dialects ----------------------------------------------------------------------------------------
@@ -67,17 +57,11 @@ def test_hidden_reasoning_is_not_sent_but_keeps_the_stream_alive(dialect_gunicor
     assert "end=done" in line and "reasoning=12" in line
 
 
-def test_a_server_that_refuses_stream_options_is_asked_again_without_them(
-    fake_upstream_server, upstream, tmp_path_factory
-):
-    env = {"OPENAI_BASE_URL": fake_upstream_server.url, "OPENAI_API_KEY": API_KEY, "CHAT_STREAM_USAGE": "auto"}
-    server = start_gunicorn("old-ollama", tmp_path_factory, env)
-    try:
-        upstream.reset(reject_stream_options=True, tokens=["ok"])
-        first = post_chat(server.url, HI)
-        second = post_chat(server.url, HI)
-    finally:
-        server.stop()
+def test_a_server_that_refuses_stream_options_is_asked_again_without_them(start_gunicorn, upstream):
+    server = start_gunicorn({"CHAT_STREAM_USAGE": "auto"}, name="old-ollama")
+    upstream.reset(reject_stream_options=True, tokens=["ok"])
+    first = post_chat(server.url, HI)
+    second = post_chat(server.url, HI)
 
     assert first.text == second.text == "ok"
     assert first.data[-2]["usage"] is None  # the server gives none without stream_options
@@ -91,10 +75,11 @@ RETRY_AFTERS = [  # headers of a 429, what the client is told to wait, requests 
     ({"Retry-After": "a minute from now"}, None, 1),  # an HTTP date, made when the test runs
     ({"retry-after-ms": "9000"}, "9", 1),
     ({"retry-after-ms": "200"}, "1", 2),  # short: waited out and sent again, once
+    ({"Retry-After": "inf"}, "", 2),  # nonsense: no Retry-After of ours, and the usual short wait
 ]
 
 
-@pytest.mark.parametrize("headers, told, requests", RETRY_AFTERS, ids=["seconds", "date", "ms", "short-ms"])
+@pytest.mark.parametrize("headers, told, requests", RETRY_AFTERS, ids=["seconds", "date", "ms", "short-ms", "inf"])
 def test_retry_after_in_every_form_is_held_to_the_limit(dialect_gunicorn, upstream, headers, told, requests):
     if headers.get("Retry-After") == "a minute from now":
         headers = {"Retry-After": formatdate(time.time() + 60, usegmt=True)}
@@ -108,6 +93,8 @@ def test_retry_after_in_every_form_is_held_to_the_limit(dialect_gunicorn, upstre
     assert took < 2  # never held for a long Retry-After with nothing sent
     if told is None:
         assert 55 <= int(reply.headers["Retry-After"]) <= 61  # seconds, not the date
+    elif not told:
+        assert "Retry-After" not in reply.headers
     else:
         assert reply.headers["Retry-After"] == told
 
@@ -171,8 +158,9 @@ def test_a_400_that_quotes_the_key_is_passed_on_redacted(dialect_gunicorn, upstr
     [
         ("litellm.BadRequestError: OpenAIException - temperature is too high", "upstream_rejected", "temperature is"),
         ("This model's maximum context length is 8192 tokens.", "context_too_long", "too long for the model"),
+        ('Expected {"type": "text"} at messages.0, got {0}', "upstream_rejected", 'Expected {"type"'),
     ],
-    ids=["litellm-prefix", "context"],
+    ids=["litellm-prefix", "context", "braces"],
 )
 def test_a_400_says_what_the_model_said_plainly(dialect_gunicorn, upstream, said, code, shown):
     upstream.reset(status=400, error_message=said)

@@ -11,7 +11,8 @@ from multiprocessing.pool import ThreadPool
 import pytest
 
 from app import create_app
-from conftest import API_KEY, post_chat, start_gunicorn
+from chat_client import post_chat
+from fake_upstream import API_KEY
 
 
 @pytest.fixture
@@ -369,15 +370,13 @@ def complete(response):
     return bool(length) and len(body) >= int(length[0].split(b":")[1])
 
 
-def test_a_body_that_trickles_in_is_cut_and_frees_the_worker(fake_upstream_server, tmp_path_factory):
+def test_a_body_that_trickles_in_is_cut_and_frees_the_worker(upstream, start_gunicorn):
     """Bodies sent a byte at a time get a 408 after CHAT_BODY_TIMEOUT, so they cannot starve the worker.
 
     The worker takes 8 connections; 8 tricklers fill them, and a real request waits behind them
     until they are cut.
     """
-    fake_upstream_server.reset()
-    env = {"OPENAI_BASE_URL": fake_upstream_server.url, "OPENAI_API_KEY": API_KEY, "CHAT_BODY_TIMEOUT": "1"}
-    server = start_gunicorn("trickle", tmp_path_factory, {**env, "GUNICORN_WORKER_CONNECTIONS": "8"})
+    server = start_gunicorn({"CHAT_BODY_TIMEOUT": "1", "GUNICORN_WORKER_CONNECTIONS": "8"}, name="trickle")
     try:
         started = time.monotonic()
         tricklers = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(8)]
@@ -396,7 +395,8 @@ def test_a_body_that_trickles_in_is_cut_and_frees_the_worker(fake_upstream_serve
         cut_after = time.monotonic() - started
         reply = waiting.get(timeout=10)
     finally:
-        server.stop()
+        for sock in tricklers:
+            sock.close()
 
     for answer in answers.values():
         head, _, body = answer.partition(b"\r\n\r\n")
@@ -404,4 +404,4 @@ def test_a_body_that_trickles_in_is_cut_and_frees_the_worker(fake_upstream_serve
         assert json.loads(body)["error"]["code"] == "body_timeout"
     assert cut_after < 2.5
     assert reply.status == 200 and reply.raw.endswith(b"data: [DONE]\n\n")
-    assert len(fake_upstream_server.received) == 1  # the real request's, none of the tricklers'
+    assert len(upstream.received) == 1  # the real request's, none of the tricklers'

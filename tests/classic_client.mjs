@@ -1,6 +1,6 @@
-// The article's browser client (seed/000_a3ce6a93568e3207.txt, "프론트엔드: 스트리밍 수신"), unchanged
-// but for the URL, run by Node's fetch. Prints the rebuilt reply as JSON.
-// Usage: node article_client.mjs http://127.0.0.1:8000/api/chat
+// A classic browser client, as SSE tutorials write it: fetch + a ReadableStream reader that splits
+// lines and appends the content of every `data:` line until [DONE]. Run by Node's fetch; prints
+// the rebuilt reply as JSON. Usage: node classic_client.mjs http://127.0.0.1:8000/api/chat
 
 const url = process.argv[2];
 let reply = '';

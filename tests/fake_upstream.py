@@ -1,0 +1,232 @@
+"""A fake OpenAI-compatible upstream on 127.0.0.1, scripted per test.
+
+It speaks the wire, not the SDK: chunked `text/event-stream` in OpenAI's chunk format, recording
+what it received and when its client hung up.
+"""
+
+import json
+import select
+import socket
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+API_KEY = "sk-test-0123456789abcdef-SECRET"  # the key the servers under test are given; tests assert it never leaks
+
+
+@dataclass
+class Script:
+    """What the fake upstream does with the next requests."""
+
+    tokens: list | None = field(default_factory=lambda: [f"tok{i} " for i in range(5)])  # None: echo
+    delay: float = 0.0  # seconds before each token
+    hold: float = 0.0  # seconds of silence after the headers, before the first token
+    stall_headers: float = 0.0  # seconds before even the status line
+    stall_at: int | None = None  # before this token, a silence of `stall` seconds
+    stall: float = 0.0
+    status: int = 200  # anything else: answer with this status and an OpenAI error body
+    headers: dict = field(default_factory=dict)  # extra response headers (e.g. Retry-After)
+    error_message: str = "upstream says no"
+    cut_after: int | None = None  # drop the connection after this many tokens, mid-body
+    error_after: int | None = None  # send an in-stream error chunk after this many tokens
+    finish_reason: str = "stop"
+    usage: dict = field(default_factory=lambda: {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14})
+    reasoning: list = field(default_factory=list)  # thinking deltas, sent before the tokens
+    reasoning_field: str = "reasoning_content"  # or "reasoning" (vLLM, Ollama)
+    hold_open: float = 0.0  # seconds the body stays open after [DONE], before its last chunk
+    huge_line: int = 0  # after the first token, this many bytes of one line that never ends
+    content_length: bool = False  # the whole body at the end, with a Content-Length instead of chunks
+    reject_stream_options: bool = False  # a 400 naming stream_options when a request has it (old Azure, Ollama)
+
+
+@dataclass
+class Received:
+    """One request the fake upstream received, and how it ended."""
+
+    path: str
+    client_port: int  # the same port on two requests: the connection was reused
+    headers: object  # an email.message.Message: case-insensitive lookups
+    body: dict
+    hung_up: threading.Event = field(default_factory=threading.Event)  # the client closed first
+    hung_up_at: float | None = None
+    finished: threading.Event = field(default_factory=threading.Event)  # the handler returned
+    sent: list = field(default_factory=list)  # monotonic time each token was written
+
+
+class ClientGone(Exception):
+    pass
+
+
+class FakeUpstreamHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        server = self.server
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        received = Received(self.path, self.client_address[1], self.headers, body)  # headers: case-insensitive
+        server.received.append(received)
+        script = server.script
+        try:
+            self.wait(script.stall_headers)
+            if script.reject_stream_options and "stream_options" in body:
+                message = "Unrecognized request argument supplied: stream_options"
+                self.send_json_error(Script(status=400, error_message=message))
+            elif script.status != 200:
+                self.send_json_error(script)
+            else:
+                self.send_stream(script, received)
+        except ClientGone:
+            received.hung_up_at = time.monotonic()
+            received.hung_up.set()
+            self.close_connection = True
+        finally:
+            received.finished.set()
+
+    def send_json_error(self, script):
+        payload = json.dumps({"error": {"message": script.error_message, "type": "x", "code": None}}).encode()
+        self.send_response(script.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        for name, value in script.headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def send_stream(self, script, received):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.body = [] if script.content_length else None  # send_chunk keeps what it is given, for the end
+        if self.body is None:
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.flush()
+        model = received.body.get("model", "x")
+        base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": model}
+        self.wait(script.hold)
+        self.send_event({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
+        for thought in script.reasoning:
+            self.wait(script.delay)
+            delta = {script.reasoning_field: thought}
+            self.send_event({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+            received.sent.append(time.monotonic())
+        tokens = script.tokens
+        if tokens is None:  # echo the last message word by word, so concurrent replies differ
+            tokens = [word + " " for word in received.body["messages"][-1]["content"].split()]
+        for i, token in enumerate(tokens):
+            if i == script.cut_after:
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)  # no terminating chunk: a transport cut
+                return
+            if i == script.error_after:
+                self.send_event({"error": {"message": "internal upstream detail", "type": "server_error"}})
+                self.end_chunks()
+                return
+            self.wait(script.stall if i == script.stall_at else script.delay)
+            self.send_event({**base, "choices": [{"index": 0, "delta": {"content": token}, "finish_reason": None}]})
+            received.sent.append(time.monotonic())
+            if i == 0 and script.huge_line:
+                for _ in range(0, script.huge_line, 65536):
+                    self.send_chunk(b"data: " + b"x" * 65536)
+        self.send_event({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": script.finish_reason}]})
+        if (received.body.get("stream_options") or {}).get("include_usage"):
+            self.send_event({**base, "choices": [], "usage": script.usage})
+        self.send_chunk(b"data: [DONE]\n\n")
+        self.wait(script.hold_open)
+        self.end_chunks()
+
+    def wait(self, seconds):
+        """Sleep, but notice at once if the client closes the connection meanwhile."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            readable, _, _ = select.select([self.connection], [], [], left)
+            if readable and self.client_closed():
+                raise ClientGone
+        if self.client_closed():
+            raise ClientGone
+
+    def client_closed(self):
+        """True when the client sent FIN (EOF) or RST (a close with unread data in its buffer)."""
+        readable, _, _ = select.select([self.connection], [], [], 0)
+        try:
+            return bool(readable) and not self.connection.recv(1, socket.MSG_PEEK)
+        except OSError:
+            return True
+
+    def send_event(self, payload):
+        self.send_chunk(b"data: " + json.dumps(payload).encode() + b"\n\n")
+
+    def send_chunk(self, data):
+        if self.body is not None:
+            self.body.append(data)
+            return
+        try:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+        except OSError:
+            raise ClientGone from None
+
+    def end_chunks(self):
+        if self.body is not None:
+            self.send_header("Content-Length", str(sum(map(len, self.body))))
+            self.end_headers()
+            self.wfile.write(b"".join(self.body))
+            return
+        try:
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except OSError:
+            raise ClientGone from None
+
+
+class FakeUpstream(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), FakeUpstreamHandler)
+        self.script = Script()
+        self.received = []
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exception(), ConnectionError):  # a pooled connection dropped by its owner
+            super().handle_error(request, client_address)
+
+    def reset(self, **script):
+        self.script = Script(**script)
+        self.received = []
+
+    def open_connections(self):
+        """Count the TCP connections currently established to this server (from /proc, Linux)."""
+        port = f"{self.server_address[1]:04X}"
+        count = 0
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with open(table) as lines:
+                next(lines)
+                for line in lines:
+                    local, state = line.split()[1], line.split()[3]
+                    if local.endswith(":" + port) and state == "01":  # 01: ESTABLISHED
+                        count += 1
+        return count
+
+
+@contextmanager
+def running_fake_upstream():
+    """A FakeUpstream serving from a thread of this process until the block ends."""
+    server = FakeUpstream()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
