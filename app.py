@@ -105,6 +105,7 @@ WAIT = (in_range(0, 3600), "a number of seconds from 0 to 3600")
 COUNT = (in_range(1, math.inf, kind=int), "an integer of at least 1")
 SETTING_RULES = {  # setting: (check, what it must be); checked when the app is created
     **{key: (lambda v: isinstance(v, str), "a string") for key, v in DEFAULTS.items() if isinstance(v, str)},
+    "CHAT_MODEL": (lambda v: isinstance(v, str) and v.strip() != "", "a model's name"),
     "CHAT_HEARTBEAT_SECONDS": (in_range(0.1, 3600), "a number of seconds from 0.1 to 3600"),
     **dict.fromkeys("CHAT_FIRST_TOKEN_TIMEOUT CHAT_IDLE_TIMEOUT CHAT_MAX_DURATION CHAT_SEND_TIMEOUT".split(), SECONDS),
     **dict.fromkeys("CHAT_CONNECT_TIMEOUT CHAT_BODY_TIMEOUT".split(), SECONDS),

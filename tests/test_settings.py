@@ -23,6 +23,7 @@ BAD_SETTINGS = [
     ("CHAT_MAX_IMAGES", "-1", "CHAT_MAX_IMAGES must be an integer from 0 to 1000"),
     ("CHAT_UPSTREAM_RETRIES", "100", "CHAT_UPSTREAM_RETRIES must be an integer from 0 to 10"),
     ("CHAT_RETRY_MAX_WAIT", "-0.5", "CHAT_RETRY_MAX_WAIT must be"),
+    ("CHAT_MODEL", " ", "CHAT_MODEL must be a model's name, not ' '."),
     ("CHAT_REASONING", "shown", "CHAT_REASONING must be one of show, hide, not 'shown'."),
     ("CHAT_STREAM_USAGE", "yes", "CHAT_STREAM_USAGE must be one of auto, on, off"),
     ("CHAT_EXTRA_BODY", "[1]", "CHAT_EXTRA_BODY must be a JSON object"),
@@ -51,7 +52,7 @@ def test_default_model_outside_the_allowed_ones(monkeypatch):
         ({"CHAT_HEARTBEAT_SECONDS": "15"}, "CHAT_HEARTBEAT_SECONDS must be a number of seconds from 0.1 to 3600"),
         ({"CHAT_MAX_MESSAGES": True}, "CHAT_MAX_MESSAGES must be an integer of at least 1, not True."),
         ({"CHAT_MAX_STREAMS": 2.5}, "CHAT_MAX_STREAMS must be an integer of at least 1, not 2.5."),
-        ({"CHAT_MODEL": None}, "CHAT_MODEL must be a string, not None."),
+        ({"CHAT_MODEL": None}, "CHAT_MODEL must be a model's name, not None."),
         ({"OPENAI_API_KEY": b"sk-secret"}, "OPENAI_API_KEY must be a string."),  # the value is never shown
     ],
     ids=repr,
@@ -61,7 +62,7 @@ def test_bad_setting_in_a_host_apps_config_stops_the_blueprint(config, sentence)
     host.config.update(config)
     with pytest.raises(SettingError) as caught:
         host.register_blueprint(chat, url_prefix="/assistant")
-    assert str(caught.value) == sentence or sentence in str(caught.value)
+    assert sentence in str(caught.value)
     assert "secret" not in str(caught.value)
 
 
