@@ -33,6 +33,7 @@ from gevent.monkey import get_original, is_module_patched
 from greenlet import GreenletExit  # how gevent stops a stream that outlives the worker's graceful_timeout
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from protocols import EventStream, UIMessageStream, native_body
 from upstream import (
     SOCKET_BUFFER,
     ClientLeft,
@@ -186,7 +187,11 @@ def ui_chat():
     """The same chat for the AI SDK's useChat: its request body in, its UI message stream out."""
     config = current_app.config
     check_token(config["CHAT_API_TOKEN"])
-    model, messages, params = parse_chat_request(config, native_body(read_json(config)))
+    try:
+        body = native_body(read_json(config))
+    except ValueError as exc:  # the message names the field as the AI SDK spells it
+        raise invalid(str(exc)) from None
+    model, messages, params = parse_chat_request(config, body)
     return stream_reply(config, model, messages, params, UIMessageStream())
 
 
@@ -664,180 +669,6 @@ class Client:
             pass
 
 
-# --- The native event stream: one encoder per protocol, the relay calls it -----------------------
-
-# Made once: json.dumps(..., ensure_ascii=False) builds a new encoder on every call.
-to_json = json.JSONEncoder(ensure_ascii=False).encode
-
-
-def sse(payload):
-    """Encode one event: `data: <json>` and the blank line that ends it (one line: JSON escapes newlines).
-
-    U+2028, U+2029 and U+0085 are escaped too: some line splitters (Python's str.splitlines among them)
-    end a line there and would cut the event.
-    """
-    text = to_json(payload)
-    if not text.isascii():
-        text = text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085")
-    return b"data: " + text.encode("utf-8", "replace") + b"\n\n"
-
-
-class EventStream:
-    """The service's own format: `data: {"content": ...}` events, readable by any SSE client.
-
-    Every event carries `content` (empty but for text), so a client that appends `content` until
-    `[DONE]` rebuilds the reply; newer clients tell events apart by their other keys. Comments are a
-    line without a blank line of their own: fetch-event-source hands every blank line on as a message.
-    """
-
-    media_type = "text/event-stream"
-    headers = {}
-
-    def opened(self):
-        return b": ok\n"  # sent with the headers: proxies and the browser see the stream open at once
-
-    def ping(self):
-        return b": ping\n"
-
-    def delta(self, kind, text):
-        return sse({"content": text}) if kind == "content" else sse({"content": "", kind: text})
-
-    def end(self, finish_reason, usage):
-        return sse({"content": "", "finish_reason": finish_reason, "usage": usage}) + b"data: [DONE]\n\n"
-
-    def error(self, code, message):
-        return sse({"content": "", "error": message, "code": code})
-
-
-# --- The AI SDK's UI message stream: the second encoder, and its request ------------------------
-#
-# What useChat reads through the `ai` package's DefaultChatTransport: one JSON chunk per event,
-# told apart by `type` (ai's uiMessageChunkSchema, src/ui-message-stream/ui-message-chunks.ts).
-# A reply is `start`, then each run of reasoning or text as a part: `reasoning-start`, deltas,
-# `reasoning-end` (or `text-...`), then `finish` with the usage as the message's metadata, and
-# `[DONE]`, which the SDK's own servers send last whether or not the reply failed.
-
-FINISH_REASONS = {  # OpenAI's finish reasons, as the SDK names them; any other is "other"
-    "stop": "stop",
-    "length": "length",
-    "content_filter": "content-filter",
-    "tool_calls": "tool-calls",
-    "function_call": "tool-calls",
-}
-
-
-class UIMessageStream:
-    """The Vercel AI SDK's UI message stream (v1): text and reasoning parts, usage on `finish`."""
-
-    media_type = "text/event-stream"
-    headers = {"x-vercel-ai-ui-message-stream": "v1"}
-
-    def __init__(self):
-        self.part = None  # the open part: ("text" or "reasoning", its id)
-        self.parts = 0
-
-    def opened(self):
-        return sse({"type": "start"})
-
-    def ping(self):
-        return b": ping\n"
-
-    def delta(self, kind, text):
-        kind = "text" if kind == "content" else kind
-        data = b""
-        if self.part is None or self.part[0] != kind:  # a new run of this kind: a new part
-            data = self.close_part()
-            self.part, self.parts = (kind, str(self.parts)), self.parts + 1
-            data += sse({"type": f"{kind}-start", "id": self.part[1]})
-        return data + sse({"type": f"{kind}-delta", "id": self.part[1], "delta": text})
-
-    def close_part(self):
-        if self.part is None:
-            return b""
-        (kind, part_id), self.part = self.part, None
-        return sse({"type": f"{kind}-end", "id": part_id})
-
-    def end(self, finish_reason, usage):
-        finish = {"type": "finish", "finishReason": FINISH_REASONS.get(finish_reason, "other")}
-        finish["messageMetadata"] = {"usage": usage}  # where useChat lets a page read it: message.metadata
-        return self.close_part() + sse(finish) + b"data: [DONE]\n\n"
-
-    def error(self, code, message):
-        # The open part stays open: the SDK leaves it "streaming", which is what it is, cut short.
-        return sse({"type": "error", "errorText": message}) + b"data: [DONE]\n\n"
-
-
-UI_REQUEST_FIELDS = {"id", "messages", "trigger", "messageId"}  # DefaultChatTransport's; the rest as in REQUEST_FIELDS
-UI_TRIGGERS = {"submit-message", "regenerate-message"}
-UI_MESSAGE_FIELDS = {"id", "role", "parts", "metadata"}
-UI_ROLES = {"system", "user", "assistant"}
-UI_PART_FIELDS = {  # the parts a chat without tools has (ai's src/ui/validate-ui-messages.ts)
-    "text": {"type", "text", "state", "providerMetadata"},
-    "reasoning": {"type", "id", "text", "state", "providerMetadata"},
-    "file": {"type", "mediaType", "filename", "url", "providerReference", "providerMetadata"},
-    "step-start": {"type"},
-}
-
-
-def native_body(body):
-    """Turn the body useChat sends into the native one; a 400 names the field as the AI SDK spells it.
-
-    Text parts become the message's text, image file parts its image parts; the model's reasoning
-    is not sent back to it. Other fields (model, sampling) stay as they are, for the native checks.
-    """
-    if not isinstance(body, dict):
-        raise invalid("The body must be a JSON object.")
-    for name in ("id", "messageId"):
-        if name in body and not isinstance(body[name], str):
-            raise invalid(f"{name} must be a string.")
-    if "trigger" in body and not (isinstance(body["trigger"], str) and body["trigger"] in UI_TRIGGERS):
-        raise invalid(f"trigger must be one of {', '.join(sorted(UI_TRIGGERS))}.")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise invalid("messages must be a non-empty list.")
-    native = {name: value for name, value in body.items() if name not in UI_REQUEST_FIELDS}
-    native["messages"] = [native_message(message, f"messages[{i}]") for i, message in enumerate(messages)]
-    return native
-
-
-def native_message(message, where):
-    """Turn one UI message ({id, role, parts}) into {role, content}."""
-    if not isinstance(message, dict):
-        raise invalid(f"{where} must be an object.")
-    unknown = sorted(set(message) - UI_MESSAGE_FIELDS)
-    if unknown:
-        raise invalid(f"{where} has an unknown field: {unknown[0]}.")
-    if not (isinstance(message.get("role"), str) and message["role"] in UI_ROLES):
-        raise invalid(f"{where}.role must be one of {', '.join(sorted(UI_ROLES))}.")
-    if not isinstance(message.get("parts"), list):
-        raise invalid(f"{where}.parts must be a list.")
-    content = []
-    for j, part in enumerate(message["parts"]):
-        at = f"{where}.parts[{j}]"
-        if not isinstance(part, dict):
-            raise invalid(f"{at} must be an object.")
-        if not (isinstance(part.get("type"), str) and part["type"] in UI_PART_FIELDS):
-            raise invalid(f"{at}.type must be one of {', '.join(sorted(UI_PART_FIELDS))}.")
-        unknown = sorted(set(part) - UI_PART_FIELDS[part["type"]])
-        if unknown:
-            raise invalid(f"{at} has an unknown field: {unknown[0]}.")
-        if part["type"] in ("text", "reasoning") and not isinstance(part.get("text"), str):
-            raise invalid(f"{at}.text must be a string.")
-        if part["type"] == "text":
-            content.append({"type": "text", "text": part["text"]})
-        elif part["type"] == "file":
-            if not str(part.get("mediaType")).startswith("image/"):
-                raise invalid(f"{at}.mediaType must be an image type: only images can be sent.")
-            if not isinstance(part.get("url"), str):
-                raise invalid(f"{at}.url must be a string.")
-            content.append({"type": "image_url", "image_url": {"url": part["url"]}})
-    if not content and message["role"] != "assistant":  # an assistant stopped while it thought may have none
-        raise invalid(f"{where}.parts has no text.")
-    if all(item["type"] == "text" for item in content):  # text only: the plain string every upstream takes
-        content = "".join(item["text"] for item in content)
-    return {"role": message["role"], "content": content}
-
-
 # --- Plumbing: per-worker state, errors, CORS, the page, health -----------------------------------
 
 
@@ -946,10 +777,21 @@ def allow_listed_origins(response):
     return response
 
 
+# The page's own files only: nothing inline, nothing from another origin, and no HTML built from strings
+# (Trusted Types), so text from the model cannot become markup or script. nginx.conf sends the same.
+PAGE_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'; "
+    "require-trusted-types-for 'script'; trusted-types 'none'"
+)
+
+
 @chat.get("/")
 def page():
     """Serve the chat page; its URLs are relative, so it works under any url_prefix."""
-    return chat.send_static_file("index.html")
+    response = chat.send_static_file("index.html")
+    response.headers["Content-Security-Policy"] = PAGE_CSP
+    return response
 
 
 @chat.get("/api/models")

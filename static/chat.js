@@ -1,6 +1,7 @@
-// The chat page: keeps the conversation, posts it to api/chat and shows the reply as it streams.
-// A plain script, no build step, no dependencies. Its top-level functions are globals on purpose:
-// the browser tests call readEvents() directly.
+// The chat page: keeps the conversation, posts it to api/chat and shows the reply as it streams,
+// as markdown. A plain script, no build step. marked (loaded before it) only splits the markdown
+// into tokens; this file builds the elements from them, so the model's text never goes through an
+// HTML parser. Its top-level functions are globals on purpose: the browser tests call readEvents().
 "use strict";
 
 const conversation = document.getElementById("conversation");
@@ -8,14 +9,31 @@ const composer = document.getElementById("composer");
 const messageInput = document.getElementById("prompt");
 const sendButton = document.getElementById("send");
 const stopButton = document.getElementById("stop");
+const newChatButton = document.getElementById("new-chat");
+const modelRow = document.getElementById("model-row");
+const modelPicker = document.getElementById("model");
 const tokenRow = document.getElementById("token-row");
 const tokenInput = document.getElementById("token");
 
-// The whole conversation, sent with every request: the server keeps no state between requests.
-const messages = [];
+// One saved conversation per page URL: two chats mounted on one site keep their own.
+const STORE_KEY = `chat:${location.pathname}`;
+// The service's codes for "the conversation is too long": only a shorter one can be sent.
+const TOO_LONG = new Set(["body_too_large", "too_many_messages", "context_too_long"]);
+// GitHub's flavour (tables, ~~strike~~, bare links), and a new line is a line break, as typed.
+const MARKDOWN = { ...marked.getDefaults(), breaks: true };
+
+// The conversation, sent whole with every request (the server keeps nothing between requests).
+// A turn is {question, answer, reasoning, thought, state, note}; it joins once the model has said
+// something, even when stopped or cut short: that is what the person saw. Kept in localStorage.
+let turns = [];
+// The newest turn on the page, kept or not (a refused question is not): Retry sends it again.
+let latest = null;
 // The AbortController of the reply that is streaming, or null. Stop aborts the fetch, which closes
 // the connection; the server notices on its next write and closes its upstream request.
 let streaming = null;
+// Bumped by "New chat", so a reply still streaming into the old conversation is not kept.
+let chatNumber = 0;
+let savedModel = null;
 
 // Only a server with CHAT_API_TOKEN set asks for a token (401). sessionStorage, not localStorage:
 // the token lives as long as the tab, not on the disk.
@@ -25,7 +43,7 @@ tokenInput.addEventListener("input", () => sessionStorage.setItem("chat-token", 
 
 composer.addEventListener("submit", (event) => {
   event.preventDefault();
-  send();
+  send(messageInput.value);
 });
 messageInput.addEventListener("keydown", (event) => {
   // Enter sends, Shift+Enter falls through to the textarea's new line. An Enter that confirms an
@@ -36,69 +54,95 @@ messageInput.addEventListener("keydown", (event) => {
   }
 });
 stopButton.addEventListener("click", () => streaming?.abort());
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Escape" && streaming) streaming.abort();
+});
+newChatButton.addEventListener("click", () => newChat());
+modelPicker.addEventListener("change", save);
+conversation.addEventListener("click", (event) => {
+  const button = event.target.closest("button.copy");
+  if (button) copyCode(button);
+});
 
-/** Send the conversation with the new message, and stream the reply into the page. */
-async function send() {
-  const text = messageInput.value;
+restore();
+loadModels();
+
+/** Send `text` with the conversation before it, and stream the reply into the page. */
+async function send(text) {
   if (!text.trim() || streaming) return;
-  const question = { role: "user", content: text };
-  addMessage("user", text);
-  const reply = addMessage("assistant", "");
-  reply.item.dataset.state = "streaming";
-  messageInput.value = "";
+  if (latest && !turns.includes(latest)) discardLatest(); // a refused question gives way to the next
+  latest?.view.actions.replaceChildren(); // Retry belongs to the newest turn only
+  const turn = { question: text, answer: "", reasoning: "", thought: null, state: "streaming", note: "" };
+  const history = turns.flatMap((t) => [
+    { role: "user", content: t.question },
+    { role: "assistant", content: t.answer }, // never the reasoning: the model does not get its thinking back
+  ]);
+  showTurn(turn);
+  latest = turn;
+  if (messageInput.value === text) messageInput.value = "";
+  const chat = chatNumber;
   setStreaming(new AbortController());
 
-  const answer = await streamReply([...messages, question], reply, streaming.signal);
+  const body = { messages: [...history, { role: "user", content: text }] };
+  if (!modelRow.hidden) body.model = modelPicker.value;
+  const outcome = await streamReply(body, turn, streaming.signal);
 
-  // A turn joins the conversation once the model has said something, even when stopped or cut
-  // short: that is what the person saw. Otherwise the message goes back in the box to send again.
-  if (answer) messages.push(question, { role: "assistant", content: answer });
-  else if (!messageInput.value) messageInput.value = text;
-  setStreaming(null);
+  if (chat !== chatNumber) return setStreaming(null); // "New chat" was pressed meanwhile
+  if (turn.answer) {
+    turns.push(turn);
+    save();
+  } else if (!messageInput.value) {
+    messageInput.value = text; // back in the box, to send again
+  }
+  setStreaming(null, offerWayOut(turn, outcome));
 }
 
-/** POST the conversation and show the reply as it arrives; return the text the model sent. */
-async function streamReply(history, reply, signal) {
-  let answer = "";
+/** POST the conversation and show the reply as it arrives; return {code} of a failure, or {}. */
+async function streamReply(body, turn, signal) {
+  const view = turn.view;
   let end = null;
   try {
     const response = await fetch("api/chat", {
       method: "POST",
-      headers: requestHeaders(),
-      body: JSON.stringify({ messages: history }),
+      headers: requestHeaders("application/json"),
+      body: JSON.stringify(body),
       signal,
     });
     if (!response.ok) {
-      finish(reply, "error", await describeHttpError(response));
-      return answer;
+      const failure = await describeHttpError(response);
+      finish(turn, "error", failure.message);
+      return failure;
     }
     for await (const data of readEvents(response.body)) {
       if (data === "[DONE]") {
-        finish(reply, "done", describeEnd(end));
-        return answer;
+        finish(turn, "done", describeEnd(end));
+        return {};
       }
       const event = JSON.parse(data); // the events are told apart by their keys
       if (event.error) {
-        finish(reply, "error", event.error); // the server words it for a person
-        return answer;
+        finish(turn, "error", event.error); // the server words it for a person
+        return { code: event.code };
       }
+      if (event.reasoning) think(turn, event.reasoning);
       if (event.content) {
-        answer += event.content;
-        followTheEnd(() => reply.words.appendData(event.content));
+        stopThinking(turn, true);
+        turn.answer += event.content;
+        scheduleRender(view, turn.answer);
       }
       if ("finish_reason" in event) end = event; // the end event; shown once [DONE] confirms it
     }
-    finish(reply, "error", "The reply was cut off before it was complete.");
+    finish(turn, "error", "The reply was cut off before it was complete.");
   } catch (error) {
     if (error.name === "AbortError") {
-      finish(reply, "stopped", answer ? "Stopped." : "Stopped before the model answered.");
+      finish(turn, "stopped", turn.answer ? "Stopped." : "Stopped before the model answered.");
+      return { code: "stopped" };
     } else if (error instanceof SyntaxError) {
-      finish(reply, "error", "The server sent something this page cannot read.");
+      finish(turn, "error", "The server sent something this page cannot read.");
     } else {
-      finish(reply, "error", "The connection to the server was lost. Please try again.");
+      finish(turn, "error", "The connection to the server was lost. Please try again.");
     }
   }
-  return answer;
+  return { code: "failed" };
 }
 
 /**
@@ -107,8 +151,8 @@ async function streamReply(history, reply, signal) {
  * EventSource cannot POST, so this is the spec's parser cut down to what the wire protocol uses
  * (https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-interpretation).
  * A read can end anywhere, inside a line or inside a UTF-8 character: the decoder keeps partial
- * characters and `buffer` the partial line. Lines end in \n or \r\n; a blank line ends an event;
- * lines starting with ":" are comments (": ok", ": ping") and are skipped.
+ * characters and `buffer` the partial line. Lines end in \r\n, \n or \r; a blank line ends an
+ * event; lines starting with ":" are comments (": ok", ": ping") and are skipped.
  */
 async function* readEvents(body) {
   const reader = body.getReader();
@@ -120,7 +164,8 @@ async function* readEvents(body) {
       const { value, done } = await reader.read();
       if (done) return;
       buffer += decoder.decode(value, { stream: true });
-      const lines = buffer.split(/\r?\n/);
+      // A \r at the very end waits for the next read: it may be the first half of a \r\n.
+      const lines = buffer.split(/\r\n|\n|\r(?!$)/);
       buffer = lines.pop(); // the last piece has no line end yet: wait for the rest
       for (const line of lines) {
         if (line === "") {
@@ -136,31 +181,37 @@ async function* readEvents(body) {
   }
 }
 
-/** Turn an HTTP error that came before the stream into a sentence for a person. */
+/** Turn an HTTP error that came before the stream into {code, message} for a person. */
 async function describeHttpError(response) {
   // The service answers {"error": {"message", "code"}}; a proxy in front of it may answer HTML.
   const body = await response.json().catch(() => null);
   const message = body?.error?.message;
+  const code = body?.error?.code ?? `http_${response.status}`;
   const seconds = retryAfterSeconds(response.headers.get("Retry-After"));
   const later = seconds
     ? `Please try again in ${seconds} second${seconds === 1 ? "" : "s"}.`
     : "Please try again shortly.";
+  if (response.status === 413 || TOO_LONG.has(code)) {
+    const what = code === "context_too_long" ? "too long for the model" : "too long to send";
+    return { code: "too_long", message: `The conversation is ${what}.` };
+  }
   switch (response.status) {
     case 401:
       tokenRow.hidden = false;
-      return tokenInput.value
-        ? "The access token was not accepted. Check it below and send again."
-        : "This chat needs an access token. Enter it below and send again.";
-    case 413:
-      return "The conversation is too long to send. Reload the page to start a new one.";
+      return {
+        code: "unauthorized",
+        message: tokenInput.value
+          ? "The access token was not accepted. Check it below and send again."
+          : "This chat needs an access token. Enter it below and send again.",
+      };
     case 429:
-      return `The model is busy right now. ${later}`;
+      return { code, message: `The model is busy right now. ${later}` };
     case 503:
-      return `The server is handling too many conversations right now. ${later}`;
+      return { code, message: `The server is handling too many conversations right now. ${later}` };
   }
-  if (message && response.status >= 500) return message; // 502, 504: the service words these for people
-  if (message) return `The request was refused: ${message}`;
-  return `The server answered with an error (HTTP ${response.status}). ${later}`;
+  if (message && response.status >= 500) return { code, message }; // 502, 504: worded for people
+  if (message) return { code, message: `The request was refused: ${message}` };
+  return { code, message: `The server answered with an error (HTTP ${response.status}). ${later}` };
 }
 
 /** Read Retry-After, seconds or an HTTP date (RFC 9110, section 10.2.3), as whole seconds, or null. */
@@ -183,35 +234,218 @@ function describeEnd(end) {
   return [reasons[end?.finish_reason], tokens].filter(Boolean).join(" ");
 }
 
-function requestHeaders() {
-  const headers = { "Content-Type": "application/json" };
+function requestHeaders(contentType) {
+  const headers = contentType ? { "Content-Type": contentType } : {};
   if (tokenInput.value.trim()) headers.Authorization = `Bearer ${tokenInput.value.trim()}`;
   return headers;
 }
 
-/** Append a message to the conversation; return the Text node its words go into, and its note. */
-function addMessage(role, content) {
-  const item = document.createElement("li");
-  item.className = `message ${role}`;
-  const speaker = document.createElement("span");
-  speaker.className = "visually-hidden"; // screen readers hear who speaks; the layout shows it
-  speaker.textContent = role === "user" ? "You: " : "Assistant: ";
-  const text = document.createElement("p");
+// --- Ways out of a failed reply -------------------------------------------------------------------
+
+/** Offer what can be done after a reply that did not end well; return the element to focus. */
+function offerWayOut(turn, outcome) {
+  const { code } = outcome;
+  if (code === undefined) return messageInput; // a complete reply: the next message
+  if (code === "unauthorized") return tokenInput;
+  if (code === "too_long") {
+    if (!turns.length) {
+      turn.view.note.textContent += " Shorten the message and send it again.";
+      return messageInput;
+    }
+    turn.view.note.textContent += " Drop the oldest turns or start a new chat; your message is sent again.";
+    offer(turn, [
+      ["Drop oldest turns", dropOldestTurns],
+      ["New chat", () => newChat(turn.question)],
+    ]);
+    return turn.view.actions.firstChild;
+  }
+  offer(turn, [["Retry", retry]]);
+  return code === "stopped" ? messageInput : turn.view.actions.firstChild;
+}
+
+/** Show buttons under a reply: [label, action] pairs. */
+function offer(turn, choices) {
+  const buttons = choices.map(([label, action]) => {
+    const button = element("button", [label]);
+    button.type = "button";
+    button.addEventListener("click", action);
+    return button;
+  });
+  followTheEnd(() => turn.view.actions.replaceChildren(...buttons));
+}
+
+/** Send the newest turn's question again, in place of its failed or stopped reply. */
+function retry() {
+  if (streaming || !latest) return;
+  const { question } = latest;
+  discardLatest();
+  send(question);
+}
+
+/** Forget the older half of the conversation (at least one turn) and send the refused question again. */
+function dropOldestTurns() {
+  if (streaming || !latest) return;
+  const { question } = latest;
+  discardLatest();
+  for (const turn of turns.splice(0, Math.ceil(turns.length / 2))) removeTurnView(turn);
+  if (!conversation.querySelector(".dropped")) {
+    const note = element("p", ["The oldest turns were dropped; the model no longer sees them."]);
+    note.className = "dropped";
+    conversation.prepend(note);
+  }
+  save();
+  send(question);
+}
+
+/** Start over: an empty conversation (and, when given, `question` sent as its first message). */
+function newChat(question) {
+  chatNumber += 1;
+  streaming?.abort();
+  turns = [];
+  latest = null;
+  conversation.replaceChildren();
+  save();
+  if (question) send(question);
+  else messageInput.focus();
+}
+
+/** Take the newest turn off the page and out of the conversation. */
+function discardLatest() {
+  if (turns.at(-1) === latest) turns.pop();
+  removeTurnView(latest);
+  latest = null;
+  save();
+}
+
+// --- Keeping the conversation --------------------------------------------------------------------
+
+function save() {
+  const kept = turns.map(({ view, ...turn }) => turn);
+  const model = modelRow.hidden ? savedModel : modelPicker.value;
+  try {
+    localStorage.setItem(STORE_KEY, JSON.stringify({ turns: kept, model }));
+  } catch {
+    // Storage full or switched off: the conversation still works, it just will not survive a reload.
+  }
+}
+
+/** Show the conversation saved by an earlier visit. */
+function restore() {
+  let saved = null;
+  try {
+    saved = JSON.parse(localStorage.getItem(STORE_KEY));
+  } catch {
+    // Nothing readable saved: start empty.
+  }
+  savedModel = typeof saved?.model === "string" ? saved.model : null;
+  for (const turn of Array.isArray(saved?.turns) ? saved.turns : []) {
+    if (typeof turn?.question !== "string" || typeof turn.answer !== "string" || !turn.answer) continue;
+    turns.push(turn);
+    showTurn(turn);
+    if (turn.reasoning) showReasoning(turn);
+    renderMarkdown(turn.view, turn.answer);
+    setState(turn, turn.state, turn.note);
+  }
+  latest = turns.at(-1) ?? null;
+  if (latest?.state === "error" || latest?.state === "stopped") offer(latest, [["Retry", retry]]);
+}
+
+/** Show a model picker when the service allows more than one model (GET api/models). */
+async function loadModels() {
+  const response = await fetch("api/models", { headers: requestHeaders() }).catch(() => null);
+  if (!response?.ok) return; // none listed (or an older service): the server's default model answers
+  const listed = await response.json().catch(() => null);
+  const models = Array.isArray(listed?.models) ? listed.models.filter((m) => typeof m === "string") : [];
+  if (models.length < 2) return;
+  modelPicker.replaceChildren(...models.map((model) => new Option(model, model)));
+  modelPicker.value = models.includes(savedModel) ? savedModel : listed.default;
+  modelRow.hidden = false;
+}
+
+// --- The page's view of a turn -------------------------------------------------------------------
+
+/** Add a turn to the page: the question, and an empty reply with room for thinking, a note and buttons. */
+function showTurn(turn) {
+  const user = element("div", [speaker("You: "), element("p", [turn.question])]);
+  user.className = "message user";
+  user.lastChild.className = "text"; // the question as typed, never markdown
+  const summary = element("summary", ["Thinking…"]);
+  const reasoning = document.createTextNode("");
+  const thinking = element("details", [summary, element("p", [reasoning])]);
+  thinking.className = "thinking";
+  thinking.hidden = true;
+  const text = element("div");
   text.className = "text";
-  // Model output is text, never markup: a Text node cannot turn into elements, whatever it holds.
-  // appendData() then grows that one node, token by token.
-  const words = text.appendChild(document.createTextNode(content));
-  const note = document.createElement("p");
+  const note = element("p");
   note.className = "note";
-  item.append(speaker, text, note);
-  followTheEnd(() => conversation.append(item));
-  return { item, words, note };
+  const actions = element("p");
+  actions.className = "actions";
+  const item = element("div", [speaker("Assistant: "), thinking, text, note, actions]);
+  item.className = "message assistant";
+  item.dataset.state = turn.state;
+  turn.view = { user, item, thinking, summary, reasoning, text, note, actions, blocks: [], links: "{}" };
+  followTheEnd(() => conversation.append(user, item));
+}
+
+function speaker(words) {
+  const label = element("span", [words]);
+  label.className = "visually-hidden"; // screen readers hear who speaks; the layout shows it
+  return label;
+}
+
+function removeTurnView(turn) {
+  cancelAnimationFrame(turn.view.frame);
+  turn.view.user.remove();
+  turn.view.item.remove();
+}
+
+/** Show a piece of the model's thinking, live, in the open "Thinking" block. */
+function think(turn, words) {
+  const view = turn.view;
+  if (view.thinkingSince === undefined) {
+    view.thinkingSince = performance.now();
+    view.thinking.hidden = false;
+    view.thinking.open = true;
+  }
+  turn.reasoning += words;
+  followTheEnd(() => view.reasoning.appendData(words));
+}
+
+/** Note how long the model thought; fold the block away once the answer starts (`fold`). */
+function stopThinking(turn, fold) {
+  const view = turn.view;
+  if (view.thinkingSince === undefined || view.thinkingSince === null) return;
+  turn.thought = Math.max(1, Math.round((performance.now() - view.thinkingSince) / 1000));
+  view.thinkingSince = null;
+  view.summary.textContent = thoughtFor(turn.thought);
+  if (fold) view.thinking.open = false;
+}
+
+/** A restored turn's thinking: folded, with how long it took. */
+function showReasoning(turn) {
+  turn.view.reasoning.data = turn.reasoning;
+  turn.view.summary.textContent = turn.thought ? thoughtFor(turn.thought) : "Thinking";
+  turn.view.thinking.hidden = false;
+}
+
+function thoughtFor(seconds) {
+  return `Thought for ${seconds} second${seconds === 1 ? "" : "s"}`;
 }
 
 /** Mark a reply finished: its state (styles and tests read it) and a short note under it. */
-function finish(reply, state, note) {
-  reply.item.dataset.state = state;
-  reply.note.textContent = note;
+function finish(turn, state, note) {
+  stopThinking(turn, Boolean(turn.answer));
+  cancelAnimationFrame(turn.view.frame);
+  turn.view.frame = 0;
+  followTheEnd(() => renderMarkdown(turn.view, turn.answer)); // what is still waiting for a frame
+  turn.state = state;
+  turn.note = note;
+  setState(turn, state, note);
+}
+
+function setState(turn, state, note) {
+  turn.view.item.dataset.state = state;
+  turn.view.note.textContent = note;
 }
 
 /** Make a change; if the page was scrolled to its end, keep it there, else leave the reader alone. */
@@ -222,13 +456,199 @@ function followTheEnd(change) {
   if (atEnd) window.scrollTo(0, page.scrollHeight);
 }
 
-/** Lock the input while a reply streams (`controller` set) and swap Send for Stop. */
-function setStreaming(controller) {
+/** Lock the input while a reply streams (`controller` set) and swap Send for Stop; then focus. */
+function setStreaming(controller, focus = messageInput) {
   streaming = controller;
   const busy = controller !== null;
   messageInput.disabled = busy;
   sendButton.hidden = busy;
   stopButton.hidden = !busy;
   conversation.setAttribute("aria-busy", String(busy));
-  (busy ? stopButton : messageInput).focus(); // the disabled box loses focus: Stop is a key away
+  (busy ? stopButton : focus).focus(); // the disabled box loses focus: Stop is a key away
+}
+
+// --- Markdown -------------------------------------------------------------------------------------
+
+/** Render the reply at the next frame: tokens that arrive within one frame cost one render. */
+function scheduleRender(view, source) {
+  view.source = source;
+  view.frame ||= requestAnimationFrame(() => {
+    view.frame = 0;
+    followTheEnd(() => renderMarkdown(view, view.source));
+  });
+}
+
+/**
+ * Show `source` as markdown in the reply, rebuilding only the top-level blocks that changed.
+ *
+ * A streaming reply grows at its end, so usually only its last block (the paragraph or code block
+ * being written) is built again; the blocks before it, their text selection and their Copy buttons
+ * stay as they are.
+ */
+function renderMarkdown(view, source) {
+  const tokens = marked.lexer(source, MARKDOWN);
+  const links = JSON.stringify(tokens.links); // a link definition can change the blocks before it
+  let same = 0;
+  if (links === view.links) {
+    while (same < view.blocks.length && same < tokens.length && view.blocks[same].raw === tokens[same].raw) same++;
+  }
+  view.links = links;
+  for (const old of view.blocks.splice(same)) old.node?.remove();
+  for (const token of tokens.slice(same)) {
+    const nodes = blockNodes(token);
+    const node = nodes.length === 1 && nodes[0] instanceof Element ? nodes[0] : nodes.length ? element("p", nodes) : null;
+    if (node) view.text.append(node);
+    view.blocks.push({ raw: token.raw, node });
+  }
+}
+
+/** Build the nodes of block tokens: a reply, a list item, a quote. */
+function blocks(tokens) {
+  return tokens.flatMap(blockNodes);
+}
+
+function blockNodes(token) {
+  switch (token.type) {
+    case "paragraph":
+      return [element("p", inline(token.tokens))];
+    case "heading": // the page's own title is the h1
+      return [element(`h${Math.min(token.depth + 1, 6)}`, inline(token.tokens))];
+    case "code":
+      return [codeBlock(token)];
+    case "blockquote":
+      return [element("blockquote", blocks(token.tokens))];
+    case "list":
+      return [list(token)];
+    case "table":
+      return [table(token)];
+    case "hr":
+      return [element("hr")];
+    case "text": // the words of a tight list item
+      return token.tokens ? inline(token.tokens) : [decodeEntities(token.text)];
+    case "checkbox":
+      return [token.checked ? "☑ " : "☐ "];
+    case "space":
+    case "def":
+      return [];
+    default: {
+      // Raw HTML (and any token type newer than this code): shown as the text it is, never parsed.
+      const raw = element("p", [token.raw.trim()]);
+      raw.className = "raw";
+      return [raw];
+    }
+  }
+}
+
+/** Build the nodes of inline tokens: words, emphasis, code, links. */
+function inline(tokens = []) {
+  return tokens.flatMap((token) => {
+    switch (token.type) {
+      case "text":
+        return token.tokens ? inline(token.tokens) : [decodeEntities(token.text)];
+      case "escape":
+        return [token.text];
+      case "strong":
+      case "em":
+      case "del":
+        return [element(token.type, inline(token.tokens))];
+      case "codespan":
+        return [element("code", [token.text])];
+      case "br":
+        return [element("br")];
+      case "link":
+        return link(token.href, inline(token.tokens), token.title);
+      case "image": // never loaded: an image URL can carry data out (a request to it is a leak)
+        return link(token.href, [`Image: ${token.text || token.href}`], token.title);
+      default: // inline HTML, as text
+        return [token.raw];
+    }
+  });
+}
+
+/** A link that opens in a new tab, for http(s) URLs only; anything else is just its text. */
+function link(href, children, title) {
+  let url = null;
+  try {
+    url = new URL(href); // relative URLs throw: they would point into this site
+  } catch {
+    return children;
+  }
+  if (url.protocol !== "http:" && url.protocol !== "https:") return children; // javascript:, data:, ...
+  const anchor = element("a", children);
+  anchor.href = url.href;
+  anchor.target = "_blank";
+  anchor.rel = "noopener noreferrer";
+  if (title) anchor.title = title;
+  return [anchor];
+}
+
+function codeBlock(token) {
+  const copy = element("button", ["Copy"]);
+  copy.type = "button";
+  copy.className = "copy";
+  const language = element("span", [token.lang?.split(/\s/)[0] || "code"]);
+  const bar = element("div", [language, copy]);
+  bar.className = "code-bar";
+  const pre = element("pre", [element("code", [token.text])]);
+  pre.tabIndex = 0; // it scrolls sideways: a keyboard must be able to reach it
+  const block = element("div", [bar, pre]);
+  block.className = "code-block";
+  return block;
+}
+
+function list(token) {
+  const node = element(
+    token.ordered ? "ol" : "ul",
+    token.items.map((item) => element("li", blocks(item.tokens))),
+  );
+  if (token.ordered && token.start !== "" && token.start !== 1) node.start = token.start;
+  return node;
+}
+
+function table(token) {
+  const row = (cells, tag) =>
+    element(
+      "tr",
+      cells.map((cell) => {
+        const node = element(tag, inline(cell.tokens));
+        if (cell.align) node.dataset.align = cell.align; // chat.css aligns it: no inline style
+        return node;
+      }),
+    );
+  const wrap = element("div", [
+    element("table", [element("thead", [row(token.header, "th")]), element("tbody", token.rows.map((r) => row(r, "td")))]),
+  ]);
+  wrap.className = "table";
+  wrap.tabIndex = 0; // it scrolls sideways on a phone: a keyboard must be able to reach it
+  return wrap;
+}
+
+const ENTITIES = { amp: "&", lt: "<", gt: ">", quot: '"', apos: "'", nbsp: "\u00a0" };
+
+/** Decode the few named character references marked leaves in text (it decodes numeric ones). */
+function decodeEntities(text) {
+  return text.replace(/&(amp|lt|gt|quot|apos|nbsp);/g, (_, name) => ENTITIES[name]);
+}
+
+/** Create an element with children; strings become Text nodes, never markup. */
+function element(tag, children = []) {
+  const node = document.createElement(tag);
+  node.append(...children);
+  return node;
+}
+
+/** Copy a code block's text; say so on the button for two seconds. */
+async function copyCode(button) {
+  const code = button.closest(".code-block").querySelector("code");
+  try {
+    await navigator.clipboard.writeText(code.textContent);
+  } catch {
+    // No clipboard API (a plain-http page that is not localhost): copy the selection the old way.
+    getSelection().selectAllChildren(code);
+    document.execCommand("copy");
+  }
+  button.textContent = "Copied";
+  setTimeout(() => {
+    button.textContent = "Copy";
+  }, 2000);
 }

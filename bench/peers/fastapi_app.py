@@ -1,8 +1,8 @@
-"""The article's server in the usual Python pick: FastAPI + sse-starlette + AsyncOpenAI, same logic.
+"""The Express peer's logic in the usual async Python pick: FastAPI + sse-starlette + AsyncOpenAI.
 
     uvicorn fastapi_app:app --app-dir bench/peers --port 8001
 
-As in the article: read `messages`, open the stream with `stream=True`, send `data: {"content": ...}`
+As the Express peer does: read `messages`, open the stream with `stream=True`, send `data: {"content": ...}`
 per non-empty delta and `data: [DONE]` at the end, or `data: {"error": ...}` on failure. The SDK
 reads OPENAI_API_KEY and OPENAI_BASE_URL from the environment.
 """
@@ -29,7 +29,7 @@ async def chat(request: Request):
                 if content:
                     yield {"data": json.dumps({"content": content})}
             yield {"data": "[DONE]"}
-        except Exception as exc:  # the article's catch: the error goes into the stream
+        except Exception as exc:  # the Express peer's catch: the error goes into the stream
             yield {"data": json.dumps({"error": str(exc)})}
 
     return EventSourceResponse(events())

@@ -1,6 +1,6 @@
-// The article's Express server (seed/000_a3ce6a93568e3207.txt), its logic unchanged, as a benchmark peer.
-// Only additions: the port comes from PORT, and the SDK reads OPENAI_BASE_URL (the harness's fake upstream)
-// and OPENAI_API_KEY from the environment, as `new OpenAI()` does.
+// A benchmark peer: an OpenAI chat completion streamed as SSE the plain way in Node, Express + the openai npm SDK.
+// The port comes from PORT; the SDK reads OPENAI_BASE_URL (the harness's fake upstream) and OPENAI_API_KEY
+// from the environment, as `new OpenAI()` does.
 const express = require('express');
 const OpenAI = require('openai');
 const app = express();
