@@ -24,7 +24,6 @@ import socket
 import threading
 import time
 import uuid
-from email.utils import parsedate_to_datetime
 
 import gevent
 import openai
@@ -38,11 +37,11 @@ from upstream import (
     SOCKET_BUFFER,
     ClientLeft,
     DemoStream,
-    ModelStream,
     StreamTimeout,
     UpstreamError,
     make_openai_clients,
-    watching,
+    open_upstream,
+    refusal,
 )
 
 log = logging.getLogger("chat")
@@ -203,10 +202,13 @@ def stream_reply(config, model, messages, params, events):
     requested_at = time.monotonic()
     client = Client(request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket"), config)
     try:
-        upstream = open_upstream(worker, config, model, messages, params, client)
+        if uses_demo(config):
+            upstream = DemoStream(messages, config["CHAT_DEMO_WORD_SECONDS"])
+        else:
+            upstream = open_upstream(worker, config, model, messages, params, client)
     except (openai.OpenAIError, ClientLeft) as exc:
         worker.slots.release()
-        raise refusal(exc, model) from None
+        raise ApiError(*refusal(exc, model)) from None
     except BaseException:
         worker.slots.release()  # any other failure (a bug, a worker stopping) must not keep the slot either
         raise
@@ -372,119 +374,6 @@ def check_image(image, where, role, config):
 def invalid(message):
     """A 400 for a body we cannot use; the message names the field."""
     return ApiError(400, "invalid_request", message)
-
-
-def open_upstream(worker, config, model, messages, params, client):
-    """Send the request and wait for the upstream's headers, so that a refusal can still be an HTTP status.
-
-    A refused request is sent again up to CHAT_UPSTREAM_RETRIES times, only when nothing was paid for
-    and the wait it asks for is short: never after a timeout (the SDK's own retries are off, as it
-    retries those too). While the headers are awaited, a client that leaves ends the request.
-    """
-    if uses_demo(config):
-        return DemoStream(messages, config["CHAT_DEMO_WORD_SECONDS"])
-    body = {"model": model, "messages": messages, "stream": True, **params}
-    if worker.stream_usage:
-        body["stream_options"] = {"include_usage": True}
-    extra = json.loads(config["CHAT_EXTRA_BODY"] or "{}")
-    retries = config["CHAT_UPSTREAM_RETRIES"]
-    while True:
-        try:
-            with watching(client, config["CHAT_HEARTBEAT_SECONDS"]):
-                completion = worker.next_sdk_client().chat.completions.with_streaming_response.create(
-                    **body, extra_body=extra or None
-                )
-                return ModelStream(completion.__enter__())  # sends it; a 4xx/5xx raises here, before our headers
-        except openai.APIStatusError as exc:
-            if "stream_options" in body and refuses_stream_options(exc, config):
-                log.warning("upstream refuses stream_options: no longer asked for usage (CHAT_STREAM_USAGE)")
-                worker.stream_usage = False
-                del body["stream_options"]
-                continue
-            wait = retry_after(exc.response.headers) or 0.5
-            if retries <= 0 or exc.status_code not in RETRIED or wait > config["CHAT_RETRY_MAX_WAIT"]:
-                raise
-        except openai.APIConnectionError as exc:
-            if retries <= 0 or isinstance(exc, openai.APITimeoutError):
-                raise
-            wait = 0.5
-        retries -= 1
-        log.info("upstream refused; sending again in %.1fs", wait)
-        time.sleep(wait)
-
-
-RETRIED = {429, 500, 502, 503}  # statuses for which nothing was generated; 408 and 504 are timeouts
-
-
-def refuses_stream_options(exc, config):
-    """Tell whether a 400 says the server does not know stream_options (older Azure versions, old Ollama)."""
-    return config["CHAT_STREAM_USAGE"] == "auto" and exc.status_code == 400 and "stream_options" in str(exc.body)
-
-
-def retry_after(headers):
-    """Return the seconds the upstream asks us to wait: retry-after-ms, or Retry-After in seconds or as a date."""
-    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        try:
-            wait = float(headers.get(name, "")) * scale
-        except ValueError:
-            continue
-        if math.isfinite(wait):
-            return max(0.0, wait)
-    try:
-        return max(0.0, parsedate_to_datetime(headers.get("retry-after", "")).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
-
-
-# An upstream failure, as (status before the stream, code, sentence for a person); by SDK exception
-# or by the upstream's HTTP status. Only a 400's own text is passed on, redacted.
-UPSTREAM_FAILURES = {
-    ClientLeft: (499, "client_gone", "The client left before the model answered."),  # nobody reads it
-    openai.APITimeoutError: (504, "upstream_timeout", "The model took too long to answer."),
-    openai.APIConnectionError: (502, "upstream_unreachable", "The model could not be reached."),
-    400: (400, "upstream_rejected", None),
-    401: (502, "upstream_auth", "The service could not authenticate with the model."),  # its text may echo the key
-    403: (502, "upstream_auth", "The service could not authenticate with the model."),
-    404: (502, "model_not_found", "The model {model} was not found by the service's upstream."),
-    429: (429, "rate_limited", "The model is busy. Please try again shortly."),
-}
-OTHER_FAILURE = (502, "upstream_error", "The model failed to answer.")
-TOO_LONG = (400, "context_too_long", "The conversation is too long for the model. Drop the oldest messages.")
-CONTEXT_WORDS = re.compile(r"context.length|context.window|maximum context|too many tokens|prompt is too long", re.I)
-PROXY_PREFIX = re.compile(r"^(?:litellm\.\w+:\s*)?(?:\w+Exception\s*-\s*)?")  # LiteLLM's wrapping of the text
-
-
-def refusal(exc, model):
-    """Turn the SDK's exception for a refused or failed request into our ApiError, and log what it said."""
-    if isinstance(exc, openai.APIStatusError):
-        key, said = exc.status_code, upstream_text(exc.body)
-    else:
-        key, said = type(exc), ""
-    status, code, message = UPSTREAM_FAILURES.get(key, OTHER_FAILURE)
-    if key == 400 and (CONTEXT_WORDS.search(said) or "context_length" in str(exc.body)):
-        status, code, message = TOO_LONG
-    if message is None:  # the upstream's own words: never a format string
-        message = PROXY_PREFIX.sub("", said)[:500] or "The model rejected the request."
-    else:
-        message = message.format(model=model[:100])
-    headers = {}
-    if status == 429 and (wait := retry_after(exc.response.headers)) is not None:
-        headers["Retry-After"] = str(math.ceil(wait))
-    log.warning(
-        "upstream refused: %s %s (upstream status=%s request_id=%s): %s",
-        status,
-        code,
-        getattr(exc, "status_code", type(exc).__name__),
-        getattr(exc, "request_id", None),
-        said[:300],
-    )
-    return ApiError(status, code, message, headers)
-
-
-def upstream_text(body):
-    """The message of an upstream error body: the SDK gives its `error` object, or the text."""
-    message = body.get("message") if isinstance(body, dict) else body
-    return message if isinstance(message, str) else ""
 
 
 # --- The relay: upstream deltas in, SSE events out, in one greenlet per stream -------------------
