@@ -329,7 +329,8 @@ class ModelStream:
         for choice in chunk.get("choices") or ():  # the usage chunk has no choices
             if not isinstance(choice, dict):
                 continue
-            self.finish_reason = choice.get("finish_reason") or self.finish_reason
+            if choice.get("finish_reason") and isinstance(choice["finish_reason"], str):
+                self.finish_reason = choice["finish_reason"]
             delta = choice.get("delta")
             if not isinstance(delta, dict):
                 continue

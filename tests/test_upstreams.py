@@ -196,3 +196,24 @@ def test_the_reply_cap_goes_in_the_field_the_upstream_honours(upstream, setting,
     assert received.body[field] == 77
     [other] = {"max_tokens", "max_completion_tokens"} - {field}
     assert other not in received.body
+
+
+ODD_EVENTS = [  # fields of the wrong type, as a careless server might send them: each is ignored
+    [1, 2],
+    "text",
+    {"choices": "none"},
+    {"choices": [None, 3, {"delta": "text"}, {"delta": {"content": 5, "reasoning": ["x"]}}]},
+    {"choices": [{"delta": {"content": None, "reasoning_content": {"a": 1}}, "finish_reason": 7}]},
+    {"usage": "lots"},
+    {"usage": [1]},
+]
+
+
+def test_fields_of_the_wrong_type_from_the_upstream_are_ignored(dialect_gunicorn, upstream):
+    upstream.reset(odd_events=ODD_EVENTS, tokens=["still ", "here"], usage="many")
+    reply = post_chat(dialect_gunicorn.url, HI)
+
+    assert reply.text == "still here"
+    assert reply.data[-1] == "[DONE]"
+    assert reply.data[-2]["usage"] is None  # "many" is not a usage object
+    assert "Traceback" not in dialect_gunicorn.log()
