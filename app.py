@@ -13,6 +13,7 @@ Mount it: from app import chat; other_app.register_blueprint(chat, url_prefix="/
 Check it: flask --app app doctor https://chat.example.com/      (the whole path to the browser: operate.py)
 """
 
+import base64
 import hmac
 import json
 import logging
@@ -24,12 +25,12 @@ import socket
 import threading
 import time
 import uuid
-from email.utils import parsedate_to_datetime
 
 import click
+import gevent
 import openai
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
-from gevent.monkey import get_original
+from gevent.monkey import get_original, is_module_patched
 from greenlet import GreenletExit  # how gevent stops a stream that outlives the worker's graceful_timeout
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
@@ -38,11 +39,11 @@ from upstream import (
     SOCKET_BUFFER,
     ClientLeft,
     DemoStream,
-    ModelStream,
     StreamTimeout,
     UpstreamError,
     make_openai_clients,
-    watching,
+    open_upstream,
+    refusal,
 )
 
 log = logging.getLogger("chat")
@@ -61,7 +62,11 @@ DEFAULTS = {
     "CHAT_MAX_DURATION": 600.0,  # seconds a whole reply may take
     "CHAT_SEND_TIMEOUT": 30.0,  # seconds a client may take no bytes before its stream is ended
     "CHAT_MAX_BODY_BYTES": 1_048_576,  # larger request bodies get 413 (nginx.conf says the same)
+    "CHAT_BODY_TIMEOUT": 10.0,  # seconds a request body may take to arrive; then 408 (under gevent workers)
     "CHAT_MAX_MESSAGES": 200,  # longer conversations get 400
+    "CHAT_MAX_OUTPUT_TOKENS": 4096,  # always sent as the reply's token limit; a request's max_tokens is held to it
+    "CHAT_MAX_IMAGES": 4,  # image parts per request (0: none accepted)
+    "CHAT_MAX_IMAGE_BYTES": 700_000,  # decoded size of one image; its base64 must still fit in CHAT_MAX_BODY_BYTES
     "CHAT_UPSTREAM_RETRIES": 1,  # a refused request is sent again this often, before the first byte; never a timeout
     "CHAT_RETRY_MAX_WAIT": 5.0,  # a 429 asking to wait longer than this goes back to the client at once
     "CHAT_CONNECT_TIMEOUT": 5.0,  # seconds to open a connection to the upstream
@@ -76,14 +81,70 @@ DEFAULTS = {
     "CHAT_METRICS": "",  # 1: count streams for Prometheus at /metrics (operate.py); unset or 0: nothing is loaded
 }
 
-ROLES = {"system", "developer", "user", "assistant"}
-MESSAGE_FIELDS = {"role", "content", "name"}
-REQUEST_FIELDS = {"messages", "model"}
+
+class SettingError(Exception):
+    """A setting the service cannot run with; the message is one sentence naming it."""
+
+
+def in_range(low, high, above=False, kind=(int, float)):
+    """Return a check: a number of `kind` (never a bool) from low (or above it) to high."""
+    return lambda v: isinstance(v, kind) and not isinstance(v, bool) and (v > low if above else v >= low) and v <= high
+
+
+def one_of(*choices):
+    """Return a check that a value is one of `choices`, and what it must be."""
+    return lambda v: v in choices, f"one of {', '.join(choices)}"  # a tuple: `[] in` it is False, not a TypeError
+
+
+def json_object(text):
+    try:
+        return isinstance(json.loads(text or "{}"), dict)
+    except (TypeError, ValueError):
+        return False
+
+
+SECONDS = (in_range(0, 86400, above=True), "a number of seconds above 0, at most 86400")
+WAIT = (in_range(0, 3600), "a number of seconds from 0 to 3600")
+COUNT = (in_range(1, math.inf, kind=int), "an integer of at least 1")
+SETTING_RULES = {  # setting: (check, what it must be); checked when the app is created
+    **{key: (lambda v: isinstance(v, str), "a string") for key, v in DEFAULTS.items() if isinstance(v, str)},
+    "CHAT_MODEL": (lambda v: isinstance(v, str) and v.strip() != "", "a model's name"),
+    "CHAT_HEARTBEAT_SECONDS": (in_range(0.1, 3600), "a number of seconds from 0.1 to 3600"),
+    **dict.fromkeys("CHAT_FIRST_TOKEN_TIMEOUT CHAT_IDLE_TIMEOUT CHAT_MAX_DURATION CHAT_SEND_TIMEOUT".split(), SECONDS),
+    **dict.fromkeys("CHAT_CONNECT_TIMEOUT CHAT_BODY_TIMEOUT".split(), SECONDS),
+    **dict.fromkeys("CHAT_RETRY_MAX_WAIT CHAT_DEMO_WORD_SECONDS".split(), WAIT),
+    **dict.fromkeys("CHAT_MAX_BODY_BYTES CHAT_MAX_MESSAGES CHAT_MAX_STREAMS CHAT_MAX_OUTPUT_TOKENS".split(), COUNT),
+    "CHAT_MAX_IMAGE_BYTES": COUNT,
+    "CHAT_UPSTREAM_RETRIES": (in_range(0, 10, kind=int), "an integer from 0 to 10"),
+    "CHAT_MAX_IMAGES": (in_range(0, 1000, kind=int), "an integer from 0 to 1000"),
+    "CHAT_REASONING": one_of("show", "hide"),
+    "CHAT_STREAM_USAGE": one_of("auto", "on", "off"),
+    "CHAT_MAX_TOKENS_FIELD": one_of("auto", "max_tokens", "max_completion_tokens"),
+    "CHAT_EXTRA_BODY": (json_object, "a JSON object"),
+    "CHAT_METRICS": (lambda v: v in ("", "0", "1"), "1 (on), or 0 or unset (off)"),
+}
 
 
 def config_from_env(environ=os.environ):
-    """Read every setting from the environment, cast to the type of its default."""
-    return {key: type(default)(environ.get(key, default)) for key, default in DEFAULTS.items()}
+    """Read every setting from the environment, cast to the type of its default where it can be."""
+    return {key: cast(type(default), environ.get(key, default)) for key, default in DEFAULTS.items()}
+
+
+def cast(kind, value):
+    try:
+        return kind(value)
+    except ValueError:
+        return value  # left as it is: check_settings names it
+
+
+def check_settings(config):
+    """Raise SettingError, naming the setting, for a value out of range or of the wrong type."""
+    for key, (check, must_be) in SETTING_RULES.items():
+        if not check(config[key]):
+            shown = "" if key.endswith(("_KEY", "_TOKEN")) else f", not {config[key]!r}"
+            raise SettingError(f"{key} must be {must_be}{shown}.")
+    if config["CHAT_MODEL"] not in allowed_models(config):
+        raise SettingError(f"CHAT_MODEL={config['CHAT_MODEL']!r} must be one of CHAT_MODELS ({config['CHAT_MODELS']}).")
 
 
 def comma_list(value):
@@ -125,8 +186,8 @@ def chat_completion():
         import operate
 
         return operate.diagnostic(request.args, config, relay_diagnostic)
-    model, messages = parse_chat_request(config, read_json(config))
-    return stream_reply(config, model, messages, EventStream())
+    model, messages, params = parse_chat_request(config, read_json(config))
+    return stream_reply(config, model, messages, params, EventStream())
 
 
 @chat.post("/api/ui-chat")
@@ -138,11 +199,11 @@ def ui_chat():
         body = native_body(read_json(config))
     except ValueError as exc:  # the message names the field as the AI SDK spells it
         raise invalid(str(exc)) from None
-    model, messages = parse_chat_request(config, body)
-    return stream_reply(config, model, messages, UIMessageStream())
+    model, messages, params = parse_chat_request(config, body)
+    return stream_reply(config, model, messages, params, UIMessageStream())
 
 
-def stream_reply(config, model, messages, events):
+def stream_reply(config, model, messages, params, events):
     """Open the upstream, then return the response that relays it, encoded by `events` (one per protocol)."""
     worker = worker_state(current_app)
     if not worker.slots.acquire():
@@ -150,10 +211,16 @@ def stream_reply(config, model, messages, events):
     requested_at = time.monotonic()
     client = Client(request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket"), config)
     try:
-        upstream = open_upstream(worker, config, model, messages, client)
+        if uses_demo(config):
+            upstream = DemoStream(messages, config["CHAT_DEMO_WORD_SECONDS"])
+        else:
+            upstream = open_upstream(worker, config, model, messages, params, client)
     except (openai.OpenAIError, ClientLeft) as exc:
         worker.slots.release()
-        raise refusal(exc, model) from None
+        refused = ApiError(*refusal(exc, model))
+        if (meter := metrics(config)) and not isinstance(exc, ClientLeft):
+            meter.upstream_refused(getattr(exc, "status_code", "none"), refused.error_code)
+        raise refused from None
     except BaseException:
         worker.slots.release()  # any other failure (a bug, a worker stopping) must not keep the slot either
         raise
@@ -186,16 +253,54 @@ def check_token(token):
         raise ApiError(401, "unauthorized", "Send Authorization: Bearer <token>.", {"WWW-Authenticate": "Bearer"})
 
 
+ROLES = ("system", "developer", "user", "assistant")  # a tuple: `[] in ROLES` is False, not a TypeError
+MESSAGE_FIELDS = {"role", "content", "name"}
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON may escape one ("\\ud800"); no upstream can be sent it
+
+
+def is_text(value):
+    return isinstance(value, str) and not LONE_SURROGATE.search(value)
+
+
+def is_stop(value):
+    return is_text(value) or (isinstance(value, list) and len(value) <= 4 and all(map(is_text, value)))
+
+
+# The OpenAI parameters a request may set: name -> (check, what the 400 says it must be).
+PARAMETERS = {
+    "temperature": (in_range(0, 2), "a number from 0 to 2"),
+    "top_p": (in_range(0, 1, above=True), "a number above 0, at most 1"),
+    "max_tokens": (in_range(1, math.inf, kind=int), "an integer of at least 1"),
+    "stop": (is_stop, "a string or a list of up to 4 strings"),
+    "seed": (in_range(-(2**63), 2**63 - 1, kind=int), "a 64-bit integer"),
+    "presence_penalty": (in_range(-2, 2), "a number from -2 to 2"),
+    "frequency_penalty": (in_range(-2, 2), "a number from -2 to 2"),
+    "reasoning_effort": one_of("none", "minimal", "low", "medium", "high"),
+}
+REQUEST_FIELDS = {"messages", "model", *PARAMETERS}
+IMAGE_URL = re.compile(r"data:image/(png|jpeg|gif|webp);base64,([A-Za-z0-9+/]*={0,2})")
+IMAGE_MAGIC = {"png": b"\x89PNG\r\n\x1a\n", "jpeg": b"\xff\xd8\xff", "gif": b"GIF8", "webp": b"RIFF"}
+
+
+class BodyTimeout(Exception):
+    """The request's body took longer than CHAT_BODY_TIMEOUT to arrive."""
+
+
 def read_json(config):
     """Return the request's JSON body, or raise ApiError: not JSON, too large, not UTF-8, too deep."""
     if request.mimetype != "application/json":
         raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json.")
     limit = request.max_content_length = config["CHAT_MAX_BODY_BYTES"]
+    # A body that trickles in would hold its connection for good: under gevent, cut it at a total time.
+    seconds = config["CHAT_BODY_TIMEOUT"] if is_module_patched("socket") else None  # None: no timer at all
     try:
-        data = request.get_data(cache=False)  # 413 at once for a Content-Length over the limit
-        if len(data) == limit:  # a chunked body is cut off at the limit silently: reading on says 413
-            request.stream.read(1)
+        with gevent.Timeout(seconds, BodyTimeout):
+            data = request.get_data(cache=False)  # 413 at once for a Content-Length over the limit
+            if len(data) == limit:  # a chunked body is cut off at the limit silently: reading on says 413
+                request.stream.read(1)
         body = json.loads(data.decode("utf-8"))
+    except BodyTimeout:
+        raise ApiError(408, "body_timeout", f"The body was not all sent within {seconds:g} s.") from None
     except RequestEntityTooLarge:
         raise ApiError(413, "body_too_large", f"The body is larger than {limit - 1} bytes.") from None
     except UnicodeDecodeError:
@@ -208,16 +313,22 @@ def read_json(config):
 
 
 def parse_chat_request(config, body):
-    """Return (model, messages) from the request's body, or raise ApiError naming what is wrong."""
+    """Return (model, messages, parameters to send) from the request's body, or raise ApiError naming the field."""
     if not isinstance(body, dict):
         raise invalid("The body must be a JSON object.")
     unknown = sorted(set(body) - REQUEST_FIELDS)
     if unknown:
-        raise invalid(f"Unknown field: {unknown[0]}.")
+        raise invalid(f"Unknown field: {unknown[0][:100]}.")
 
     model = body.get("model", config["CHAT_MODEL"])
     if model not in allowed_models(config):
-        raise invalid(f"Unknown model: {str(model)[:100]}. Allowed: {', '.join(allowed_models(config))}.")
+        named = model[:100] if isinstance(model, str) else "not a string"
+        raise invalid(f"Unknown model: {named}. Allowed: {', '.join(allowed_models(config))}.")
+    params = {name: body[name] for name in PARAMETERS if name in body}
+    for name, value in params.items():
+        if not PARAMETERS[name][0](value):
+            raise invalid(f"{name} must be {PARAMETERS[name][1]}.")
+    params["max_tokens"] = min(params.get("max_tokens", math.inf), config["CHAT_MAX_OUTPUT_TOKENS"])
 
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -225,139 +336,66 @@ def parse_chat_request(config, body):
     if len(messages) > config["CHAT_MAX_MESSAGES"]:
         limit = config["CHAT_MAX_MESSAGES"]
         raise ApiError(400, "too_many_messages", f"The conversation has more than {limit} messages.")
+    images = 0
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise invalid(f"messages[{i}] must be an object.")
         unknown = sorted(set(message) - MESSAGE_FIELDS)
         if unknown:
-            raise invalid(f"messages[{i}] has an unknown field: {unknown[0]}.")
+            raise invalid(f"messages[{i}] has an unknown field: {unknown[0][:100]}.")
         if message.get("role") not in ROLES:
-            raise invalid(f"messages[{i}].role must be one of {', '.join(sorted(ROLES))}.")
-        if not isinstance(message.get("content"), str):
-            raise invalid(f"messages[{i}].content must be a string.")
+            raise invalid(f"messages[{i}].role must be one of {', '.join(ROLES)}.")
+        if "name" in message and not is_text(message["name"]):
+            raise invalid(f"messages[{i}].name must be a string (no lone surrogates).")
+        images += check_content(message.get("content"), f"messages[{i}].content", message["role"], config)
+    if images > config["CHAT_MAX_IMAGES"]:
+        raise invalid(f"The conversation has {images} images; at most {config['CHAT_MAX_IMAGES']} are allowed.")
     if config["CHAT_SYSTEM_PROMPT"]:
         messages = [{"role": "system", "content": config["CHAT_SYSTEM_PROMPT"]}, *messages]
-    return model, messages
+    return model, messages, params
+
+
+def check_content(content, where, role, config):
+    """Check a message's content (a string, or text and image parts) and return how many images it holds."""
+    if is_text(content):
+        return 0
+    if not isinstance(content, list) or not content:
+        raise invalid(f"{where} must be a string (no lone surrogates) or a non-empty list of parts.")
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and part.keys() == {"type", "text"} and is_text(part["text"]):
+            continue
+        image = part.get("image_url") if kind == "image_url" and part.keys() == {"type", "image_url"} else None
+        if not isinstance(image, dict) or not image.keys() <= {"url", "detail"}:
+            raise invalid(f"{where}[{j}] must be a text part or an image_url part.")
+        check_image(image, f"{where}[{j}].image_url", role, config)
+    return sum(part["type"] == "image_url" for part in content)
+
+
+def check_image(image, where, role, config):
+    """Check an image part: a PNG, JPEG, GIF or WebP in a base64 data: URL, within CHAT_MAX_IMAGE_BYTES.
+
+    Only data: URLs: the service never asks an upstream to fetch a URL that a browser chose.
+    """
+    if role != "user":
+        raise invalid(f"{where}: images are accepted in user messages only.")
+    if image.get("detail", "auto") not in ("auto", "low", "high"):
+        raise invalid(f"{where}.detail must be auto, low or high.")
+    found = IMAGE_URL.fullmatch(image["url"]) if isinstance(image.get("url"), str) else None
+    if not found:
+        raise invalid(f"{where}.url must be a data:image/(png|jpeg|gif|webp);base64,... URL.")
+    kind, encoded = found.groups()
+    try:
+        decoded = base64.b64decode(encoded, validate=True)
+    except ValueError:  # binascii.Error: the padding is wrong
+        raise invalid(f"{where}.url is not valid base64.") from None
+    if len(decoded) > config["CHAT_MAX_IMAGE_BYTES"] or not decoded.startswith(IMAGE_MAGIC[kind]):
+        raise invalid(f"{where} is not a {kind} image of at most {config['CHAT_MAX_IMAGE_BYTES']} bytes.")
 
 
 def invalid(message):
     """A 400 for a body we cannot use; the message names the field."""
     return ApiError(400, "invalid_request", message)
-
-
-def open_upstream(worker, config, model, messages, client):
-    """Send the request and wait for the upstream's headers, so that a refusal can still be an HTTP status.
-
-    A refused request is sent again up to CHAT_UPSTREAM_RETRIES times, only when nothing was paid for
-    and the wait it asks for is short: never after a timeout (the SDK's own retries are off, as it
-    retries those too). While the headers are awaited, a client that leaves ends the request.
-    """
-    if uses_demo(config):
-        return DemoStream(messages, config["CHAT_DEMO_WORD_SECONDS"])
-    body = {"model": model, "messages": messages, "stream": True}
-    if worker.stream_usage:
-        body["stream_options"] = {"include_usage": True}
-    extra = json.loads(config["CHAT_EXTRA_BODY"] or "{}")
-    retries = config["CHAT_UPSTREAM_RETRIES"]
-    while True:
-        try:
-            with watching(client, config["CHAT_HEARTBEAT_SECONDS"]):
-                completion = worker.next_sdk_client().chat.completions.with_streaming_response.create(
-                    **body, extra_body=extra or None
-                )
-                return ModelStream(completion.__enter__())  # sends it; a 4xx/5xx raises here, before our headers
-        except openai.APIStatusError as exc:
-            if "stream_options" in body and refuses_stream_options(exc, config):
-                log.warning("upstream refuses stream_options: no longer asked for usage (CHAT_STREAM_USAGE)")
-                worker.stream_usage = False
-                del body["stream_options"]
-                continue
-            wait = retry_after(exc.response.headers) or 0.5
-            if retries <= 0 or exc.status_code not in RETRIED or wait > config["CHAT_RETRY_MAX_WAIT"]:
-                raise
-        except openai.APIConnectionError as exc:
-            if retries <= 0 or isinstance(exc, openai.APITimeoutError):
-                raise
-            wait = 0.5
-        retries -= 1
-        log.info("upstream refused; sending again in %.1fs", wait)
-        time.sleep(wait)
-
-
-RETRIED = {429, 500, 502, 503}  # statuses for which nothing was generated; 408 and 504 are timeouts
-
-
-def refuses_stream_options(exc, config):
-    """Tell whether a 400 says the server does not know stream_options (older Azure versions, old Ollama)."""
-    return config["CHAT_STREAM_USAGE"] == "auto" and exc.status_code == 400 and "stream_options" in str(exc.body)
-
-
-def retry_after(headers):
-    """Return the seconds the upstream asks us to wait: retry-after-ms, or Retry-After in seconds or as a date."""
-    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        try:
-            wait = float(headers.get(name, "")) * scale
-        except ValueError:
-            continue
-        if math.isfinite(wait):
-            return max(0.0, wait)
-    try:
-        return max(0.0, parsedate_to_datetime(headers.get("retry-after", "")).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
-
-
-# An upstream failure, as (status before the stream, code, sentence for a person); by SDK exception
-# or by the upstream's HTTP status. Only a 400's own text is passed on, redacted.
-UPSTREAM_FAILURES = {
-    ClientLeft: (499, "client_gone", "The client left before the model answered."),  # nobody reads it
-    openai.APITimeoutError: (504, "upstream_timeout", "The model took too long to answer."),
-    openai.APIConnectionError: (502, "upstream_unreachable", "The model could not be reached."),
-    400: (400, "upstream_rejected", None),
-    401: (502, "upstream_auth", "The service could not authenticate with the model."),  # its text may echo the key
-    403: (502, "upstream_auth", "The service could not authenticate with the model."),
-    404: (502, "model_not_found", "The model {model} was not found by the service's upstream."),
-    429: (429, "rate_limited", "The model is busy. Please try again shortly."),
-}
-OTHER_FAILURE = (502, "upstream_error", "The model failed to answer.")
-TOO_LONG = (400, "context_too_long", "The conversation is too long for the model. Drop the oldest messages.")
-CONTEXT_WORDS = re.compile(r"context.length|context.window|maximum context|too many tokens|prompt is too long", re.I)
-PROXY_PREFIX = re.compile(r"^(?:litellm\.\w+:\s*)?(?:\w+Exception\s*-\s*)?")  # LiteLLM's wrapping of the text
-
-
-def refusal(exc, model):
-    """Turn the SDK's exception for a refused or failed request into our ApiError, and log what it said."""
-    if isinstance(exc, openai.APIStatusError):
-        key, said = exc.status_code, upstream_text(exc.body)
-    else:
-        key, said = type(exc), ""
-    status, code, message = UPSTREAM_FAILURES.get(key, OTHER_FAILURE)
-    if key == 400 and (CONTEXT_WORDS.search(said) or "context_length" in str(exc.body)):
-        status, code, message = TOO_LONG
-    if message is None:  # the upstream's own words: never a format string
-        message = PROXY_PREFIX.sub("", said)[:500] or "The model rejected the request."
-    else:
-        message = message.format(model=model[:100])
-    headers = {}
-    if status == 429 and (wait := retry_after(exc.response.headers)) is not None:
-        headers["Retry-After"] = str(math.ceil(wait))
-    log.warning(
-        "upstream refused: %s %s (upstream status=%s request_id=%s): %s",
-        status,
-        code,
-        getattr(exc, "status_code", type(exc).__name__),
-        getattr(exc, "request_id", None),
-        said[:300],
-    )
-    if meter := metrics(current_app.config):
-        meter.upstream_refused(key if isinstance(key, int) else "none", code)
-    return ApiError(status, code, message, headers)
-
-
-def upstream_text(body):
-    """The message of an upstream error body: the SDK gives its `error` object, or the text."""
-    message = body.get("message") if isinstance(body, dict) else body
-    return message if isinstance(message, str) else ""
 
 
 # --- The relay: upstream deltas in, SSE events out, in one greenlet per stream -------------------
@@ -692,8 +730,8 @@ def healthz():
 
 
 def metrics(config):
-    """Return operate.py's metrics when CHAT_METRICS is on, else None: prometheus_client is then never imported."""
-    if str(config["CHAT_METRICS"]).strip().lower() in ("", "0", "false", "no", "off"):
+    """Return operate.py's metrics when CHAT_METRICS is 1, else None: prometheus_client is then never imported."""
+    if config["CHAT_METRICS"] != "1":
         return None
     import operate
 
@@ -726,6 +764,7 @@ def apply_defaults(state):
     """Fill in settings the host app has not set, and say once if the demo model will answer."""
     for key, value in config_from_env().items():
         state.app.config.setdefault(key, value)
+    check_settings(state.app.config)
     secrets.update(filter(None, (state.app.config["OPENAI_API_KEY"], state.app.config["CHAT_API_TOKEN"])))
     log.addFilter(REDACTING)
     if uses_demo(state.app.config):

@@ -1,6 +1,7 @@
-"""The model's side of a stream: the SDK's clients, and the reply read straight from their socket.
+"""The model's side of a stream: the request, its failures, and the reply read straight from the socket.
 
-The openai SDK makes the request (auth, base URL, retries, typed errors before the first byte);
+The openai SDK makes the request (auth, base URL, typed errors before the first byte); open_upstream
+sends it again only when nothing was paid for, and refusal() maps every failure in one table.
 ModelStream then reads the reply's bytes itself, with a timeout per read, so that app.py's relay can
 send heartbeats and keep deadlines in the stream's one greenlet. DemoStream answers the same way
 with no model at all. Both offer what the relay needs: read(timeout) returns the (kind, text)
@@ -11,13 +12,18 @@ complete, then `finish_reason` and `usage`; `reader`, for the log; and close().
 import contextlib
 import contextvars
 import json
+import logging
+import math
 import re
 import socket
 import time
+from email.utils import parsedate_to_datetime
 
 import httpcore2  # the SDK's HTTP engine, under httpx2: its network-backend interface hands us the socket
 import httpx2
 import openai
+
+log = logging.getLogger("chat")
 
 
 class UpstreamError(Exception):
@@ -37,6 +43,128 @@ class StreamTimeout(UpstreamError):
 
 class ClientLeft(Exception):
     """The client went away while the upstream's headers were awaited: the request is abandoned."""
+
+
+# --- Sending the request: retries that never pay twice, failures in one table ------------------------
+
+
+def open_upstream(worker, config, model, messages, params, client):
+    """Send the request and wait for the upstream's headers, so that a refusal can still be an HTTP status.
+
+    A refused request is sent again up to CHAT_UPSTREAM_RETRIES times, only when nothing was paid for
+    and the wait it asks for is short: never after a timeout (the SDK's own retries are off, as it
+    retries those too). While the headers are awaited, a client that leaves ends the request.
+    """
+    body = {"model": model, "messages": messages, "stream": True, **params}
+    # OpenAI's reasoning models refuse max_tokens; some compatible servers ignore max_completion_tokens.
+    field = config["CHAT_MAX_TOKENS_FIELD"]
+    if field == "auto":
+        field = "max_tokens" if config["OPENAI_BASE_URL"] else "max_completion_tokens"
+    body[field] = body.pop("max_tokens")
+    if worker.stream_usage:
+        body["stream_options"] = {"include_usage": True}
+    extra = json.loads(config["CHAT_EXTRA_BODY"] or "{}")
+    retries = config["CHAT_UPSTREAM_RETRIES"]
+    while True:
+        try:
+            with watching(client, config["CHAT_HEARTBEAT_SECONDS"]):
+                completion = worker.next_sdk_client().chat.completions.with_streaming_response.create(
+                    **body, extra_body=extra or None
+                )
+                return ModelStream(completion.__enter__())  # sends it; a 4xx/5xx raises here, before our headers
+        except openai.APIStatusError as exc:
+            if "stream_options" in body and refuses_stream_options(exc, config):
+                log.warning("upstream refuses stream_options: no longer asked for usage (CHAT_STREAM_USAGE)")
+                worker.stream_usage = False
+                del body["stream_options"]
+                continue
+            wait = retry_after(exc.response.headers) or 0.5
+            if retries <= 0 or exc.status_code not in RETRIED or wait > config["CHAT_RETRY_MAX_WAIT"]:
+                raise
+        except openai.APIConnectionError as exc:
+            if retries <= 0 or isinstance(exc, openai.APITimeoutError):
+                raise
+            wait = 0.5
+        retries -= 1
+        log.info("upstream refused; sending again in %.1fs", wait)
+        time.sleep(wait)
+
+
+RETRIED = {429, 500, 502, 503}  # statuses for which nothing was generated; 408 and 504 are timeouts
+
+
+def refuses_stream_options(exc, config):
+    """Tell whether a 400 says the server does not know stream_options (older Azure versions, old Ollama)."""
+    return config["CHAT_STREAM_USAGE"] == "auto" and exc.status_code == 400 and "stream_options" in str(exc.body)
+
+
+def retry_after(headers):
+    """Return the seconds the upstream asks us to wait: retry-after-ms, or Retry-After in seconds or as a date."""
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        try:
+            wait = float(headers.get(name, "")) * scale
+        except ValueError:
+            continue
+        if math.isfinite(wait):
+            return max(0.0, wait)
+    try:
+        return max(0.0, parsedate_to_datetime(headers.get("retry-after", "")).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+# An upstream failure, as (status before the stream, code, sentence for a person); by SDK exception
+# or by the upstream's HTTP status. Only a 400's own text is passed on, redacted.
+UPSTREAM_FAILURES = {
+    ClientLeft: (499, "client_gone", "The client left before the model answered."),  # nobody reads it
+    openai.APITimeoutError: (504, "upstream_timeout", "The model took too long to answer."),
+    openai.APIConnectionError: (502, "upstream_unreachable", "The model could not be reached."),
+    400: (400, "upstream_rejected", None),
+    401: (502, "upstream_auth", "The service could not authenticate with the model."),  # its text may echo the key
+    403: (502, "upstream_auth", "The service could not authenticate with the model."),
+    404: (502, "model_not_found", "The model {model} was not found by the service's upstream."),
+    429: (429, "rate_limited", "The model is busy. Please try again shortly."),
+}
+OTHER_FAILURE = (502, "upstream_error", "The model failed to answer.")
+TOO_LONG = (400, "context_too_long", "The conversation is too long for the model. Drop the oldest messages.")
+CONTEXT_WORDS = re.compile(r"context.length|context.window|maximum context|too many tokens|prompt is too long", re.I)
+PROXY_PREFIX = re.compile(r"^(?:litellm\.\w+:\s*)?(?:\w+Exception\s*-\s*)?")  # LiteLLM's wrapping of the text
+
+
+def refusal(exc, model):
+    """Return (status, code, message, headers) for a refused or failed request, and log what the upstream said."""
+    if isinstance(exc, openai.APIStatusError):
+        key, said = exc.status_code, upstream_text(exc.body)
+    else:
+        key, said = type(exc), ""
+    status, code, message = UPSTREAM_FAILURES.get(key, OTHER_FAILURE)
+    if key == 400 and (CONTEXT_WORDS.search(said) or "context_length" in str(exc.body)):
+        status, code, message = TOO_LONG
+    if message is None:  # the upstream's own words: never a format string
+        message = PROXY_PREFIX.sub("", said)[:500] or "The model rejected the request."
+    else:
+        message = message.format(model=model[:100])
+    headers = {}
+    if status == 429 and (wait := retry_after(exc.response.headers)) is not None:
+        headers["Retry-After"] = str(math.ceil(wait))
+    log.warning(
+        "upstream refused: %s %s (upstream status=%s request_id=%s): %s",
+        status,
+        code,
+        getattr(exc, "status_code", type(exc).__name__),
+        getattr(exc, "request_id", None),
+        said[:300],
+    )
+    return status, code, message, headers
+
+
+def upstream_text(body):
+    """The message of an upstream error body: the SDK gives its `error` object, or the text."""
+    message = body.get("message") if isinstance(body, dict) else body
+    return message if isinstance(message, str) else ""
+
+
+# --- Reading the reply --------------------------------------------------------------------------------
 
 
 waiting_client = contextvars.ContextVar("waiting_client", default=None)  # (Client, heartbeat) of this stream
@@ -201,7 +329,8 @@ class ModelStream:
         for choice in chunk.get("choices") or ():  # the usage chunk has no choices
             if not isinstance(choice, dict):
                 continue
-            self.finish_reason = choice.get("finish_reason") or self.finish_reason
+            if choice.get("finish_reason") and isinstance(choice["finish_reason"], str):
+                self.finish_reason = choice["finish_reason"]
             delta = choice.get("delta")
             if not isinstance(delta, dict):
                 continue
@@ -328,7 +457,7 @@ class DemoStream:
     reader = "demo"
 
     def __init__(self, messages, seconds_per_word):
-        said = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        said = next((text_of(m["content"]) for m in reversed(messages) if m["role"] == "user"), "")
         said = " ".join(said.split())[:200]
         reply = (
             "Hello! I am the built-in demo model, streaming this reply word by word over "
@@ -336,7 +465,7 @@ class DemoStream:
             "for a local server such as Ollama or vLLM, to talk to a real model."
         )
         self.words = re.findall(r"\S+\s*", reply)
-        self.prompt_words = sum(len(m["content"].split()) for m in messages)
+        self.prompt_words = sum(len(text_of(m["content"]).split()) for m in messages)
         self.seconds_per_word = seconds_per_word
         self.next_word_at = time.monotonic() + seconds_per_word
         self.finished, self.finish_reason, self.usage = False, None, None
@@ -361,6 +490,11 @@ class DemoStream:
 
     def close(self):
         pass
+
+
+def text_of(content):
+    """Return the text of a message's content: the string, or its text parts (images left out)."""
+    return content if isinstance(content, str) else " ".join(p["text"] for p in content if p["type"] == "text")
 
 
 POOL_STREAMS = 64  # streams per SDK client: httpx's pool scans all its connections as each request starts and ends

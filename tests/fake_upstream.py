@@ -40,6 +40,7 @@ class Script:
     huge_line: int = 0  # after the first token, this many bytes of one line that never ends
     content_length: bool = False  # the whole body at the end, with a Content-Length instead of chunks
     reject_stream_options: bool = False  # a 400 naming stream_options when a request has it (old Azure, Ollama)
+    odd_events: list = field(default_factory=list)  # JSON values sent as data lines before the tokens, as they are
 
 
 @dataclass
@@ -118,6 +119,8 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
         tokens = script.tokens
         if tokens is None:  # echo the last message word by word, so concurrent replies differ
             tokens = [word + " " for word in received.body["messages"][-1]["content"].split()]
+        for odd in script.odd_events:
+            self.send_chunk(b"data: " + json.dumps(odd).encode() + b"\n\n")
         for i, token in enumerate(tokens):
             if i == script.cut_after:
                 self.close_connection = True

@@ -285,7 +285,6 @@ def test_ai_sdk_chat_sends_the_conversation(js_clients, gunicorn, upstream):
     ]
 
 
-@pytest.mark.xfail(strict=True, reason="content as a list of parts comes with the upstreams issue (10): unmark then")
 def test_ai_sdk_chat_sends_an_attached_image(js_clients, gunicorn, upstream):
     """sendMessage({text, files}) with an image: the upstream gets it as an image part, before the text."""
     image = {"type": "file", "mediaType": "image/png", "filename": "dot.png", "url": PIXEL}

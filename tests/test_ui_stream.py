@@ -119,12 +119,6 @@ def test_the_conversation_reaches_the_upstream_as_openai_messages(gunicorn, upst
     ]
 
 
-IMAGES_LATER = pytest.mark.xfail(
-    strict=True, reason="content as a list of parts comes with the upstreams issue (10): take this mark off then"
-)
-
-
-@IMAGES_LATER
 def test_an_image_file_part_becomes_an_image_part(gunicorn, upstream):
     file = {"type": "file", "mediaType": "image/png", "filename": "dot.png", "url": PIXEL}
     body = {**HI, "messages": [ui_message("user", text("What is this?"), file)]}

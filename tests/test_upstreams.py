@@ -10,6 +10,7 @@ from email.utils import formatdate
 
 import pytest
 
+from app import create_app
 from chat_client import post_chat
 from fake_upstream import API_KEY
 from live_servers import FAST_LIFECYCLE, Gunicorns, wait_for
@@ -179,3 +180,40 @@ def test_an_error_inside_the_stream_is_logged_with_what_the_upstream_said(dialec
     assert reply.data[-1]["code"] == "upstream_error"
     assert "internal upstream detail" not in reply.raw.decode()  # not for the user
     assert wait_for(lambda: log_lines(dialect_gunicorn, "internal upstream detail"))  # for the operator
+
+
+@pytest.mark.parametrize(
+    "setting, field",
+    [("auto", "max_tokens"), ("max_completion_tokens", "max_completion_tokens"), ("max_tokens", "max_tokens")],
+)
+def test_the_reply_cap_goes_in_the_field_the_upstream_honours(upstream, setting, field):
+    """auto: max_tokens for a compatible server (OPENAI_BASE_URL set), which every one of them honours."""
+    config = {"OPENAI_BASE_URL": upstream.url, "OPENAI_API_KEY": API_KEY, "CHAT_MAX_OUTPUT_TOKENS": 77}
+    app = create_app({**config, "CHAT_MAX_TOKENS_FIELD": setting})
+    assert app.test_client().post("/api/chat", json=HI).get_data().endswith(b"data: [DONE]\n\n")
+
+    [received] = upstream.received
+    assert received.body[field] == 77
+    [other] = {"max_tokens", "max_completion_tokens"} - {field}
+    assert other not in received.body
+
+
+ODD_EVENTS = [  # fields of the wrong type, as a careless server might send them: each is ignored
+    [1, 2],
+    "text",
+    {"choices": "none"},
+    {"choices": [None, 3, {"delta": "text"}, {"delta": {"content": 5, "reasoning": ["x"]}}]},
+    {"choices": [{"delta": {"content": None, "reasoning_content": {"a": 1}}, "finish_reason": 7}]},
+    {"usage": "lots"},
+    {"usage": [1]},
+]
+
+
+def test_fields_of_the_wrong_type_from_the_upstream_are_ignored(dialect_gunicorn, upstream):
+    upstream.reset(odd_events=ODD_EVENTS, tokens=["still ", "here"], usage="many")
+    reply = post_chat(dialect_gunicorn.url, HI)
+
+    assert reply.text == "still here"
+    assert reply.data[-1] == "[DONE]"
+    assert reply.data[-2]["usage"] is None  # "many" is not a usage object
+    assert "Traceback" not in dialect_gunicorn.log()
