@@ -28,6 +28,7 @@ BAD_SETTINGS = [
     ("CHAT_STREAM_USAGE", "yes", "CHAT_STREAM_USAGE must be one of auto, on, off"),
     ("CHAT_EXTRA_BODY", "[1]", "CHAT_EXTRA_BODY must be a JSON object"),
     ("CHAT_EXTRA_BODY", "{oops", "CHAT_EXTRA_BODY must be a JSON object"),
+    ("CHAT_METRICS", "yes", "CHAT_METRICS must be 1 (on), or 0 or unset (off), not 'yes'."),
 ]
 
 
