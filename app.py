@@ -400,12 +400,14 @@ def invalid(message):
 
 # --- The relay: upstream deltas in, SSE events out, in one greenlet per stream -------------------
 #
-# The response generator reads the upstream itself, waiting on its socket no longer than until the
-# next heartbeat or the nearest deadline, and writes what it read before it reads more: a stream
-# holds at most one read's worth of the reply, however slowly its client takes it. Before each
-# write it waits for the client's socket to take bytes, at most CHAT_SEND_TIMEOUT, so a client that
-# stops reading cannot hold a stream. No second greenlet, no queue: gevent makes every wait
-# cooperative, and under the dev server each stream is a thread of its own.
+# Why one greenlet: a reader greenlet and a queue cost twice the CPU per event, and let a client that
+# stops reading pin the stream while the queue grows. Instead the response generator reads the
+# upstream itself (upstream.ModelStream: straight from the socket, or through httpx for a body it
+# cannot read that way), waiting no longer than until the next heartbeat or the nearest deadline.
+# A wait that ends with nothing read is a heartbeat due or a deadline passed: no timer, no second
+# greenlet. It writes what it read before it reads more, so a stream holds one read's worth of the
+# reply, and before each write it waits for the client's socket to have room, at most
+# CHAT_SEND_TIMEOUT. gevent makes every wait cooperative; under the dev server each stream is a thread.
 
 
 class ClientStalled(Exception):
