@@ -13,7 +13,6 @@ Mount it: from app import chat; other_app.register_blueprint(chat, url_prefix="/
 Check it: flask --app app doctor https://chat.example.com/      (the whole path to the browser: operate.py)
 """
 
-import base64
 import hmac
 import json
 import logging
@@ -34,7 +33,7 @@ from gevent.monkey import get_original, is_module_patched
 from greenlet import GreenletExit  # how gevent stops a stream that outlives the worker's graceful_timeout
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from protocols import EventStream, UIMessageStream, native_body
+from protocols import EventStream, UIMessageStream, check_content, is_text, native_body
 from upstream import (
     SOCKET_BUFFER,
     ClientLeft,
@@ -255,11 +254,6 @@ def check_token(token):
 
 ROLES = ("system", "developer", "user", "assistant")  # a tuple: `[] in ROLES` is False, not a TypeError
 MESSAGE_FIELDS = {"role", "content", "name"}
-LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON may escape one ("\\ud800"); no upstream can be sent it
-
-
-def is_text(value):
-    return isinstance(value, str) and not LONE_SURROGATE.search(value)
 
 
 def is_stop(value):
@@ -278,8 +272,6 @@ PARAMETERS = {
     "reasoning_effort": one_of("none", "minimal", "low", "medium", "high"),
 }
 REQUEST_FIELDS = {"messages", "model", *PARAMETERS}
-IMAGE_URL = re.compile(r"data:image/(png|jpeg|gif|webp);base64,([A-Za-z0-9+/]*={0,2})")
-IMAGE_MAGIC = {"png": b"\x89PNG\r\n\x1a\n", "jpeg": b"\xff\xd8\xff", "gif": b"GIF8", "webp": b"RIFF"}
 
 
 class BodyTimeout(Exception):
@@ -347,50 +339,15 @@ def parse_chat_request(config, body):
             raise invalid(f"messages[{i}].role must be one of {', '.join(ROLES)}.")
         if "name" in message and not is_text(message["name"]):
             raise invalid(f"messages[{i}].name must be a string (no lone surrogates).")
-        images += check_content(message.get("content"), f"messages[{i}].content", message["role"], config)
+        try:
+            images += check_content(message.get("content"), f"messages[{i}].content", message["role"], config)
+        except ValueError as exc:
+            raise invalid(str(exc)) from None
     if images > config["CHAT_MAX_IMAGES"]:
         raise invalid(f"The conversation has {images} images; at most {config['CHAT_MAX_IMAGES']} are allowed.")
     if config["CHAT_SYSTEM_PROMPT"]:
         messages = [{"role": "system", "content": config["CHAT_SYSTEM_PROMPT"]}, *messages]
     return model, messages, params
-
-
-def check_content(content, where, role, config):
-    """Check a message's content (a string, or text and image parts) and return how many images it holds."""
-    if is_text(content):
-        return 0
-    if not isinstance(content, list) or not content:
-        raise invalid(f"{where} must be a string (no lone surrogates) or a non-empty list of parts.")
-    for j, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and part.keys() == {"type", "text"} and is_text(part["text"]):
-            continue
-        image = part.get("image_url") if kind == "image_url" and part.keys() == {"type", "image_url"} else None
-        if not isinstance(image, dict) or not image.keys() <= {"url", "detail"}:
-            raise invalid(f"{where}[{j}] must be a text part or an image_url part.")
-        check_image(image, f"{where}[{j}].image_url", role, config)
-    return sum(part["type"] == "image_url" for part in content)
-
-
-def check_image(image, where, role, config):
-    """Check an image part: a PNG, JPEG, GIF or WebP in a base64 data: URL, within CHAT_MAX_IMAGE_BYTES.
-
-    Only data: URLs: the service never asks an upstream to fetch a URL that a browser chose.
-    """
-    if role != "user":
-        raise invalid(f"{where}: images are accepted in user messages only.")
-    if image.get("detail", "auto") not in ("auto", "low", "high"):
-        raise invalid(f"{where}.detail must be auto, low or high.")
-    found = IMAGE_URL.fullmatch(image["url"]) if isinstance(image.get("url"), str) else None
-    if not found:
-        raise invalid(f"{where}.url must be a data:image/(png|jpeg|gif|webp);base64,... URL.")
-    kind, encoded = found.groups()
-    try:
-        decoded = base64.b64decode(encoded, validate=True)
-    except ValueError:  # binascii.Error: the padding is wrong
-        raise invalid(f"{where}.url is not valid base64.") from None
-    if len(decoded) > config["CHAT_MAX_IMAGE_BYTES"] or not decoded.startswith(IMAGE_MAGIC[kind]):
-        raise invalid(f"{where} is not a {kind} image of at most {config['CHAT_MAX_IMAGE_BYTES']} bytes.")
 
 
 def invalid(message):

@@ -1,12 +1,16 @@
-"""The two wire formats the relay speaks: one small encoder per protocol, and the AI SDK's request.
+"""The wire formats: one small encoder per protocol, a message's content, and the AI SDK's request.
 
 The relay in app.py yields only what an encoder returns: opened(), ping(), delta(kind, text) for
 "content" or "reasoning", end(finish_reason, usage) and error(code, message). EventStream is the
 service's own format (POST /api/chat); UIMessageStream is what the Vercel AI SDK's useChat reads
-(POST /api/ui-chat), whose request body native_body() turns into the native one.
+(POST /api/ui-chat), whose request body native_body() turns into the native one. check_content()
+checks a message's text and image parts. The checks raise ValueError with a sentence naming the
+field; app.py turns it into the 400.
 """
 
+import base64
 import json
+import re
 
 # --- The native event stream: one encoder per protocol, the relay calls it -----------------------
 
@@ -51,6 +55,57 @@ class EventStream:
 
     def error(self, code, message):
         return sse({"content": "", "error": message, "code": code})
+
+
+# --- The content of a message: text, or text and image parts --------------------------------------
+
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON may escape one ("\\ud800"); no upstream can be sent it
+
+
+def is_text(value):
+    return isinstance(value, str) and not LONE_SURROGATE.search(value)
+
+
+IMAGE_URL = re.compile(r"data:image/(png|jpeg|gif|webp);base64,([A-Za-z0-9+/]*={0,2})")
+IMAGE_MAGIC = {"png": b"\x89PNG\r\n\x1a\n", "jpeg": b"\xff\xd8\xff", "gif": b"GIF8", "webp": b"RIFF"}
+
+
+def check_content(content, where, role, config):
+    """Check a message's content (a string, or text and image parts) and return how many images it holds."""
+    if is_text(content):
+        return 0
+    if not isinstance(content, list) or not content:
+        raise ValueError(f"{where} must be a string (no lone surrogates) or a non-empty list of parts.")
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and part.keys() == {"type", "text"} and is_text(part["text"]):
+            continue
+        image = part.get("image_url") if kind == "image_url" and part.keys() == {"type", "image_url"} else None
+        if not isinstance(image, dict) or not image.keys() <= {"url", "detail"}:
+            raise ValueError(f"{where}[{j}] must be a text part or an image_url part.")
+        check_image(image, f"{where}[{j}].image_url", role, config)
+    return sum(part["type"] == "image_url" for part in content)
+
+
+def check_image(image, where, role, config):
+    """Check an image part: a PNG, JPEG, GIF or WebP in a base64 data: URL, within CHAT_MAX_IMAGE_BYTES.
+
+    Only data: URLs: the service never asks an upstream to fetch a URL that a browser chose.
+    """
+    if role != "user":
+        raise ValueError(f"{where}: images are accepted in user messages only.")
+    if image.get("detail", "auto") not in ("auto", "low", "high"):
+        raise ValueError(f"{where}.detail must be auto, low or high.")
+    found = IMAGE_URL.fullmatch(image["url"]) if isinstance(image.get("url"), str) else None
+    if not found:
+        raise ValueError(f"{where}.url must be a data:image/(png|jpeg|gif|webp);base64,... URL.")
+    kind, encoded = found.groups()
+    try:
+        decoded = base64.b64decode(encoded, validate=True)
+    except ValueError:  # binascii.Error: the padding is wrong
+        raise ValueError(f"{where}.url is not valid base64.") from None
+    if len(decoded) > config["CHAT_MAX_IMAGE_BYTES"] or not decoded.startswith(IMAGE_MAGIC[kind]):
+        raise ValueError(f"{where} is not a {kind} image of at most {config['CHAT_MAX_IMAGE_BYTES']} bytes.")
 
 
 # --- The AI SDK's UI message stream: the second encoder, and its request ------------------------
