@@ -173,11 +173,12 @@ class ApiError(HTTPException):
 
     def __init__(self, status, code, message, headers=None):
         super().__init__(message)
+        # Werkzeug calls the HTTP status `code`; the body's short code for programs is `error_code`.
         self.code, self.error_code, self.headers = status, code, headers or {}
 
 
 @chat.post("/api/chat")
-def chat_completion():
+def chat_reply():
     """Validate, open the upstream, then stream: every failure before the first byte is an HTTP status."""
     config = current_app.config
     check_token(config["CHAT_API_TOKEN"])
@@ -284,15 +285,15 @@ def read_json(config):
         raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json.")
     limit = request.max_content_length = config["CHAT_MAX_BODY_BYTES"]
     # A body that trickles in would hold its connection for good: under gevent, cut it at a total time.
-    seconds = config["CHAT_BODY_TIMEOUT"] if is_module_patched("socket") else None  # None: no timer at all
+    allowed = config["CHAT_BODY_TIMEOUT"] if is_module_patched("socket") else None  # None: no timer at all
     try:
-        with gevent.Timeout(seconds, BodyTimeout):
+        with gevent.Timeout(allowed, BodyTimeout):
             data = request.get_data(cache=False)  # 413 at once for a Content-Length over the limit
             if len(data) == limit:  # a chunked body is cut off at the limit silently: reading on says 413
                 request.stream.read(1)
         body = json.loads(data.decode("utf-8"))
     except BodyTimeout:
-        raise ApiError(408, "body_timeout", f"The body was not all sent within {seconds:g} s.") from None
+        raise ApiError(408, "body_timeout", f"The body was not all sent within {allowed:g} s.") from None
     except RequestEntityTooLarge:
         raise ApiError(413, "body_too_large", f"The body is larger than {limit - 1} bytes.") from None
     except UnicodeDecodeError:
@@ -396,7 +397,7 @@ def relay(upstream, events, client, config, stream_id, model, requested_at, watc
     try:
         yield events.opened()
         while not upstream.finished:
-            code, deadline = nearest_deadline(config, requested_at, started, last_output, bool(first))
+            code, deadline = nearest_deadline(config, requested_at, last_output, bool(first))
             heartbeat_at = last_write + config["CHAT_HEARTBEAT_SECONDS"]
             deltas = upstream.read(min(heartbeat_at, deadline) - time.monotonic())
             now = time.monotonic()
@@ -420,8 +421,8 @@ def relay(upstream, events, client, config, stream_id, model, requested_at, watc
                 continue
             yield from client.send(data, deadline)
             last_write = time.monotonic()
-        outcome = "done"
         yield from client.send(events.end(upstream.finish_reason, upstream.usage))
+        outcome = "done"
     except ClientStalled:
         outcome = "client_stalled"
         client.hang_up()  # the server's last write then fails at once instead of blocking
@@ -462,14 +463,18 @@ def relay(upstream, events, client, config, stream_id, model, requested_at, watc
             watch.ended(outcome, error or upstream.finish_reason, first, duration, usage, sum(counts.values()))
 
 
-def nearest_deadline(config, requested_at, started, last_output, answering):
-    """Return (code, monotonic time) of the deadline that comes first: first output or idle, or the total."""
+def nearest_deadline(config, requested_at, last_output, answering):
+    """Return (code, monotonic time) of the deadline that comes first: first output or idle, or the total.
+
+    The first output and the total are counted from the request: the wait for the upstream's headers
+    is part of both. Output is content or thinking, shown or hidden.
+    """
     if answering:
         code, deadline = "idle_timeout", last_output + config["CHAT_IDLE_TIMEOUT"]
-    else:  # counted from the request: the wait for the upstream's headers is part of it
+    else:
         code, deadline = "first_token_timeout", requested_at + config["CHAT_FIRST_TOKEN_TIMEOUT"]
-    if started + config["CHAT_MAX_DURATION"] < deadline:
-        code, deadline = "max_duration", started + config["CHAT_MAX_DURATION"]
+    if requested_at + config["CHAT_MAX_DURATION"] < deadline:
+        code, deadline = "max_duration", requested_at + config["CHAT_MAX_DURATION"]
     return code, deadline
 
 
