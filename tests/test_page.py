@@ -509,18 +509,16 @@ def test_a_single_message_too_long_comes_back_to_be_shortened(small_gunicorn, pa
 
 
 def test_the_models_context_too_long_offers_the_way_out(chat_page, upstream):
-    """The service's answer when the model refuses the conversation's length (its code, not its words)."""
+    """The upstream refuses the conversation's length (a 400 in its own words); the service says context_too_long."""
     upstream.reset(tokens=["Fine."])
     say(chat_page, "One")
     expect(reply_note(chat_page)).to_contain_text("tokens")
-    refusal = {"message": "This model's maximum context length is 8192 tokens.", "code": "context_too_long"}
-    body = json.dumps({"error": refusal})
-    chat_page.route("**/api/chat", lambda route: route.fulfill(status=400, body=body, content_type="application/json"))
+    upstream.reset(status=400, error_message="This model's maximum context length is 8192 tokens.")
 
     say(chat_page, "Two")
 
     expect(reply_note(chat_page)).to_contain_text("The conversation is too long for the model.")
-    chat_page.unroute("**/api/chat")
+    upstream.reset(tokens=["Fine."])
     chat_page.get_by_role("button", name="Drop oldest turns").click()
     expect(reply_text(chat_page)).to_have_text("Fine.")
     assert sent_messages(upstream) == [{"role": "user", "content": "Two"}]
