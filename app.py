@@ -209,7 +209,7 @@ def stream_reply(config, model, messages, params, events):
     if not worker.slots.acquire():
         raise ApiError(503, "too_many_streams", "The server is busy. Please try again shortly.", {"Retry-After": "5"})
     requested_at = time.monotonic()
-    client = Client(request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket"), config)
+    client = Client.of_request(config)
     try:
         if uses_demo(config):
             upstream = DemoStream(messages, config["CHAT_DEMO_WORD_SECONDS"])
@@ -242,7 +242,7 @@ def respond(upstream, events, client, config, model, requested_at, release, watc
 
 def relay_diagnostic(stream, config, release):
     """Relay operate.py's diagnostic stream like a model's reply, in the native format; no model is called."""
-    client = Client(request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket"), config)
+    client = Client.of_request(config)
     return respond(stream, EventStream(), client, config, "diagnostic", time.monotonic(), release, stream)
 
 
@@ -501,6 +501,11 @@ class Client:
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
             sock.settimeout(self.send_timeout)  # a backstop: a write that still blocks midway gives up too
+
+    @classmethod
+    def of_request(cls, config):
+        """The client of the request being served: gunicorn's socket, or werkzeug's under the dev server."""
+        return cls(request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket"), config)
 
     def send(self, data, deadline=None):
         """Yield `data` for the server to write, in pieces, each once the socket has room for it.
