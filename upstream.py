@@ -375,12 +375,13 @@ class HeadFirstStream(httpcore2.NetworkStream):
         self.stream.write(buffer, timeout)
 
     def read(self, max_bytes, timeout=None):
+        waiting = waiting_client.get()
         if self.pending:
             data, self.pending = self.pending, b""
-        elif self.at_body or self.head is None or waiting_client.get() is None:
+        elif self.at_body or self.head is None or waiting is None:
             data = self.stream.read(max_bytes, timeout)
         else:
-            data = self.read_head(max_bytes, timeout, *waiting_client.get())
+            data = self.read_head(max_bytes, timeout, *waiting)
         if self.at_body or self.head is None:
             return data
         head = self.head + data
