@@ -1,0 +1,60 @@
+"""The relay's public piece in a host's own view (tests/host_view_app.py), served by a real gunicorn."""
+
+import pytest
+
+from chat_client import post_chat
+from fake_upstream import API_KEY
+from live_servers import stream_log_lines, wait_for
+
+
+@pytest.fixture
+def host_view(start_gunicorn):
+    """gunicorn serving an app that registers no blueprint and calls relay_response in its own views."""
+    return start_gunicorn(name="host-view", app="tests.host_view_app:host", ready_path="/")
+
+
+def test_a_host_view_streams_the_demo_with_settings_of_its_own(host_view):
+    """A mapping with one setting (a 0.2 s heartbeat) and no other: the demo streams, with pings in its pauses."""
+    reply = post_chat(host_view.url, {"question": "Is this thing on?", "pace": 0.3}, path="/ask")
+
+    assert reply.status == 200
+    assert reply.headers["Content-Type"] == "text/event-stream"
+    assert reply.headers["X-Accel-Buffering"] == "no"
+    assert reply.raw.startswith(b": ok\n")
+    assert reply.raw.count(b": ping\n") >= 10  # a 0.2 s heartbeat between words 0.3 s apart
+    assert reply.text.startswith("Hello! I am the built-in demo model")
+    assert '"Is this thing on?"' in reply.text
+    assert reply.data[-2]["finish_reason"] == "stop"
+    assert reply.data[-1] == "[DONE]"
+    assert reply.first_time() < reply.arrivals[-1][0] - reply.started - 5  # the first word came long before the end
+    assert wait_for(lambda: any("end=done" in line and "reader=demo" in line for line in stream_log_lines(host_view)))
+
+
+def test_a_host_view_relays_its_own_sdk_stream(host_view, upstream):
+    """The host's SDK client against the fake upstream, its chunks offered as an UpstreamStream: the same bytes."""
+    upstream.reset(tokens=["Hel", "lo", ", wörld\n"])
+    reply = post_chat(host_view.url, {"question": "Hi"}, path="/ask-model")
+
+    assert reply.status == 200
+    assert reply.raw == (
+        b": ok\n"
+        b'data: {"content": "Hel"}\n\n'
+        b'data: {"content": "lo"}\n\n'
+        b'data: {"content": ", w\xc3\xb6rld\\n"}\n\n'
+        b'data: {"content": "", "finish_reason": "stop", "usage": null}\n\n'
+        b"data: [DONE]\n\n"
+    )
+    assert upstream.received[0].body["messages"] == [{"role": "user", "content": "Hi"}]
+    assert wait_for(lambda: any("reader=sdk-chunks" in line for line in stream_log_lines(host_view)))
+
+
+def test_a_host_views_chat_log_is_redacted_without_the_blueprint(host_view, upstream):
+    """The upstream's error quotes the key; the stream's error event is the service's sentence, and the log
+    line that records what the upstream said hides the key, though no blueprint installed a filter."""
+    upstream.reset(odd_events=[{"error": {"message": f"invalid key {API_KEY}", "type": "server_error"}}])
+    reply = post_chat(host_view.url, {"question": "Hi"}, path="/ask-model")
+
+    assert reply.data[-1] == {"content": "", "error": "The model stopped with an error.", "code": "upstream_error"}
+    assert wait_for(lambda: "failed: upstream_error" in host_view.log())
+    assert "invalid key [redacted]" in host_view.log()
+    assert API_KEY not in host_view.log()
