@@ -4,7 +4,7 @@ import pytest
 
 from chat_client import post_chat
 from fake_upstream import API_KEY
-from live_servers import stream_log_lines, wait_for
+from live_servers import ROOT, stream_log_lines, wait_for
 
 
 @pytest.fixture
@@ -58,3 +58,18 @@ def test_a_host_views_chat_log_is_redacted_without_the_blueprint(host_view, upst
     assert wait_for(lambda: "failed: upstream_error" in host_view.log())
     assert "invalid key [redacted]" in host_view.log()
     assert API_KEY not in host_view.log()
+
+
+def test_the_readmes_own_view_streams_as_written():
+    """The README's example of the relay in a view of one's own, run as it is written."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### The relay in a view of your own", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(code.strip().splitlines()) <= 12  # ten lines of code, and two blank ones
+    namespace = {"__name__": "__main__"}  # as if it were the script being run
+    exec(code, namespace)
+    response = namespace["host"].test_client().post("/ask", json={"question": "Hi"})
+
+    assert response.status_code == 200
+    assert response.get_data().startswith(b": ok\n")
+    assert response.get_data().endswith(b"data: [DONE]\n\n")
