@@ -134,17 +134,7 @@ def tree_cpu(root):
 
 
 def tree_rss_kb(root):
-    total = 0
-    for pid in tree(root):
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-                        break
-        except OSError:
-            pass
-    return total
+    return sum(rss_kb(pid) for pid in tree(root))
 
 
 def core_busy():
@@ -164,13 +154,13 @@ class Proc:
 
     def __init__(self, name, command, cwd=ROOT, env=None, core=HARNESS_CORE, stdout=None):
         self.name = name
-        self.log_path = LOGS / f"{name}.log"
+        self.log_path = LOGS / f"{name.replace('/', '_')}.log"
         self.log = open(self.log_path, "ab")
         self.log.write(f"\n+ {shlex.join(command)}\n".encode())
         self.log.flush()
         self.started = time.monotonic()
         self.process = subprocess.Popen(
-            ["taskset", "-c", core, *command],
+            ["taskset", "-c", core, *command] if core else command,  # core None: wherever the kernel likes
             cwd=cwd,
             env={**os.environ, **(env or {})},
             stdout=stdout or self.log,
@@ -198,11 +188,11 @@ class Proc:
         self.log.close()
 
 
-def start_upstream(tag, tokens, interval=0.0, hold=0.0, warmup=WARMUP):
+def start_upstream(tag, tokens, interval=0.0, hold=0.0, warmup=WARMUP, core=HARNESS_CORE):
     port = free_port()
     command = [str(PEERS_PY), str(BENCH / "upstream.py"), "--port", str(port), "--tokens", str(tokens)]
     command += ["--interval", str(interval), "--hold", str(hold), "--warmup", str(warmup)]
-    proc = Proc(f"upstream-{tag}", command, stdout=subprocess.PIPE)
+    proc = Proc(f"upstream-{tag}", command, stdout=subprocess.PIPE, core=core)
     proc.port = port
     wait_port(port, proc.process)
     return proc
@@ -229,12 +219,25 @@ def subject_command(name, port):
     if name == "fastapi":
         command = [str(PEERS_PY), "-m", "uvicorn", "fastapi_app:app", "--app-dir", str(BENCH / "peers")]
         return command + ["--host", "127.0.0.1", "--port", str(port)], ROOT, {}
-    if name == "flask":
+    if name == "flask" or name.startswith("flask@"):  # flask@REV: ours as it was at that commit
         command = [str(APP_PY), "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:create_app()", "-w", "1"]
-        return command + ["-b", f"127.0.0.1:{port}"], ROOT, {}
+        return command + ["-b", f"127.0.0.1:{port}"], checkout(name[6:]) if "@" in name else ROOT, {}
     if name == FLOOR:  # on our Python and gevent
         return [str(APP_PY), str(BENCH / "floor.py")], ROOT, {"PORT": str(port), "HOST": "127.0.0.1"}
     raise ValueError(name)
+
+
+def checkout(rev):
+    """The repository's files at `rev` (git archive), in bench/results/rev-<sha>/: made once per commit."""
+    sha = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=ROOT, capture_output=True)
+    if sha.returncode:
+        sys.exit(f"flask@{rev}: no such commit")
+    path = LOGS / f"rev-{sha.stdout.decode().strip()[:12]}"
+    if not path.exists():
+        path.mkdir(parents=True)
+        archive = subprocess.run(["git", "archive", "--format=tar", rev], cwd=ROOT, capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(path)], input=archive.stdout, check=True)
+    return path
 
 
 def start_subject(name, tag, upstream_port, concurrency=0, wait=True, settings=None):
@@ -259,16 +262,21 @@ def start_subject(name, tag, upstream_port, concurrency=0, wait=True, settings=N
     return proc
 
 
-def run_load(port, concurrency, tag, ramp, timeout, path="/api/chat", hold_open=None, on_ready=None):
-    """Run bench/load.py on the harness core; return its figures. on_ready() runs at READY (idle mode)."""
+def run_load(port, concurrency, tag, ramp, timeout, path="/api/chat", on_ready=None, core=HARNESS_CORE, **flags):
+    """Run bench/load.py on the harness core; return its figures.
+
+    `flags` are load.py's own (hold_open=1.5 is --hold-open 1.5); on_ready(n) runs when it says READY
+    (idle streams all open) or CUT (streams all cut, before they are resumed).
+    """
     out = LOGS / f"load-{tag}.json"
     command = [str(PEERS_PY), str(BENCH / "load.py"), "--port", str(port), "--path", path]
     command += ["-c", str(concurrency), "--ramp", str(ramp), "--timeout", str(timeout), "--out", str(out)]
-    if hold_open is not None:
-        command += ["--hold-open", str(hold_open)]
-    proc = Proc(f"load-{tag}", command, stdout=subprocess.PIPE)
+    for flag, value in flags.items():
+        if value is not None:
+            command += [f"--{flag.replace('_', '-')}", str(value)]
+    proc = Proc(f"load-{tag}", command, stdout=subprocess.PIPE, core=core)
     for line in proc.process.stdout:
-        if line.startswith(b"READY") and on_ready:
+        if line.startswith((b"READY", b"CUT")) and on_ready:
             on_ready(int(line.split()[1]))
     proc.process.wait(timeout + 60)
     proc.log.close()
@@ -291,6 +299,87 @@ class Sampler(threading.Thread):
         self.running = False
         self.join()
         self.peak = max(self.peak, tree_rss_kb(self.pid))
+        return self.peak
+
+
+# --- the whole service: the shipped nginx.conf in front of the shipped gunicorn.conf.py (S7) ----------
+
+
+NGINX = "/usr/sbin/nginx"
+
+
+def start_service(tag, upstream_port, settings):
+    """gunicorn with gunicorn.conf.py as shipped (a worker per core), on no core in particular."""
+    port = free_port()
+    env = {"OPENAI_BASE_URL": f"http://127.0.0.1:{upstream_port}/v1", "OPENAI_API_KEY": "sk-bench"}
+    env |= {"CHAT_MODEL": "gpt-4", "GUNICORN_BIND": f"127.0.0.1:{port}", **settings}
+    command = [str(APP_PY), "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:create_app()"]
+    proc = Proc(f"service-{tag}", command, env=env, core=None)
+    proc.port = port
+    wait_port(port, proc.process)
+    return proc
+
+
+def start_nginx(tag, app_port, replace=()):
+    """nginx.conf as shipped, but for its address, its paths and `replace` ((old, new) pairs), in the foreground."""
+    directory = LOGS / f"nginx-{tag}"
+    directory.mkdir(exist_ok=True)
+    port = free_port()
+    text = (ROOT / "nginx.conf").read_text()
+    temp_paths = "".join(f"\n    {kind}_temp_path {directory}/{kind};" for kind in ("client_body", "proxy"))
+    pairs = [
+        ("server 127.0.0.1:8000 ", f"server 127.0.0.1:{app_port} "),
+        ("listen 80;", f"listen 127.0.0.1:{port};"),
+        ("/srv/chat/static", str(ROOT / "static")),
+        ("/var/log/nginx/", f"{directory}/"),
+        ("/run/nginx.pid", f"{directory}/nginx.pid"),
+        ("user www-data;", "user root;" if os.geteuid() == 0 else ""),
+        ("\nhttp {", "\nhttp {" + temp_paths),
+        *replace,
+    ]
+    for old, new in pairs:
+        if old not in text:
+            sys.exit(f"nginx.conf no longer contains {old!r}: bench/harness.py's start_nginx needs updating")
+        text = text.replace(old, new)
+    conf = directory / "nginx.conf"
+    conf.write_text(text)
+    command = [NGINX, "-p", str(directory), "-e", str(directory / "error.log"), "-c", str(conf), "-g", "daemon off;"]
+    proc = Proc(f"nginx-{tag}", command, core=None)
+    proc.port, proc.error_log = port, directory / "error.log"
+    wait_port(port, proc.process)
+    return proc
+
+
+def children(pid):
+    """The direct children of a process (gunicorn's workers, nginx's)."""
+    return [p for p in tree(pid) if p != pid and proc_stat(p)[0] == pid]
+
+
+def rss_kb(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+class Peaks(threading.Thread):
+    """Peak RSS of each of some processes (and of a tree's sum), sampled every `every` seconds."""
+
+    def __init__(self, pids, every=0.5):
+        super().__init__(daemon=True)
+        self.pids, self.every, self.running = pids, every, True
+        self.peak = dict.fromkeys(pids, 0)
+
+    def run(self):
+        while self.running:
+            for pid in self.pids:
+                self.peak[pid] = max(self.peak[pid], rss_kb(pid))
+            time.sleep(self.every)
+
+    def stop(self):
+        self.running = False
+        self.join()
         return self.peak
 
 
@@ -318,15 +407,18 @@ def measured(options, *args, **kwargs):
     return best
 
 
-def measured_run(subject, tag, upstream_args, concurrency, ramp, timeout, hold_open=None, profile=False):
-    """Fresh upstream and subject, warm-up, then the load with CPU, RSS and noise figures."""
+def measured_run(subject, tag, upstream_args, concurrency, ramp, timeout, profile=False, settings=None, **load_flags):
+    """Fresh upstream and subject, warm-up, then the load with CPU, RSS and noise figures.
+
+    `settings`: the subject's environment for this run; `load_flags`: load.py's (see run_load).
+    """
     upstream = start_upstream(tag, **upstream_args, warmup=0 if subject == DIRECT else WARMUP)
     proc = None
     try:
         if subject == DIRECT:
             port, path, pid = upstream.port, "/v1/chat/completions", upstream.pid
         else:
-            proc = start_subject(subject, tag, upstream.port, concurrency)
+            proc = start_subject(subject, tag, upstream.port, concurrency, settings=settings)
             port, path, pid = proc.port, "/api/chat", proc.pid
             warm_up(proc, subject, tag)
         time.sleep(0.3)
@@ -343,7 +435,7 @@ def measured_run(subject, tag, upstream_args, concurrency, ramp, timeout, hold_o
 
         spy = start_profile(subject, tag, pid) if profile else None
         started = time.monotonic()
-        result = run_load(port, concurrency, tag, ramp, timeout, path=path, hold_open=hold_open, on_ready=on_ready)
+        result = run_load(port, concurrency, tag, ramp, timeout, path=path, on_ready=on_ready, **load_flags)
         wall = time.monotonic() - started
         after = tree_cpu(pid), tree_cpu(upstream.pid), core_busy()
         peak = sampler.stop()

@@ -20,6 +20,7 @@ raw figures of every run go to bench/results/ (not committed).
 import argparse
 import json
 import os
+import re
 import shlex
 import statistics
 import sys
@@ -36,7 +37,10 @@ from harness import (
     LOGS,
     ROOT,
     SUBJECT_NAMES,
+    WARMUP,
     Options,
+    Peaks,
+    children,
     ensure_deps,
     fd_cap,
     first_event,
@@ -45,12 +49,17 @@ from harness import (
     machine,
     measured,
     raise_fd_limit,
+    rss_kb,
+    run_load,
     spread,
     stalled_clients,
+    start_nginx,
+    start_service,
     start_subject,
     start_upstream,
     stop_upstream,
     stream_ends,
+    tree,
     tree_cpu,
     tree_rss_kb,
     versions,
@@ -347,7 +356,7 @@ def run_s5(subjects, p, options):
             watched = watch_stalled(proc, upstream, clients, started, p["bound"], rss_before)
             watched.update(rss_before_kb=rss_before, duration_s=time.monotonic() - started)
             watched.update(rss_end_kb=tree_rss_kb(proc.pid), cpu_s=tree_cpu(proc.pid) - cpu_before)
-            watched["log_ends"] = stream_ends(proc.log_path, log_offset) if subject == "flask" else None
+            watched["log_ends"] = stream_ends(proc.log_path, log_offset) if subject.startswith("flask") else None
         finally:
             for sock in clients:
                 sock.close()
@@ -461,6 +470,214 @@ def report_s5(runs):
     return table(header, rows)
 
 
+# --- S6: short replies, as many as one core takes ------------------------------------------------
+
+
+def run_s6(subjects, p, options):
+    """A closed loop of short replies: C requests always in flight, each replaced when it ends, for p["seconds"]."""
+    runs = []
+    for subject in subjects:
+        seconds, upstream_args = p["seconds"], {"tokens": p["tokens"]}
+        result = measured(options, subject, "S6", upstream_args, p["c"], 0.2, seconds + 30, duration=seconds)
+        result["failed"] = failed(result)
+        done = result["completed"]
+        result["cpu_us_per_request"] = result["cpu_s"] / done * 1e6 if done and result["cpu_s"] is not None else None
+        say(result, f"requests/s={result['requests_per_s']:.0f} cpu/request={fmt(result['cpu_us_per_request'])}us")
+        runs.append(result)
+    return runs
+
+
+def report_s6(runs):
+    express, floor = (value_of(runs, name, "requests_per_s") for name in ("express", FLOOR))
+    rows = []
+    for r in runs:
+        ttfe = r["ttfe_ms"]
+        rows.append(
+            [
+                r["subject"],
+                fmt(r["requests_per_s"]),
+                ratio(r["requests_per_s"], express),
+                ratio(r["requests_per_s"], floor),
+                fmt(r["cpu_us_per_request"]),
+                fmt(r["cpu_us_per_event"], 1),
+                fmt(r["subject_core_pct"]),
+                f"{r['completed']:,}/{r['requests']:,}",
+                r["error_count"],
+                fmt(ttfe["p50"], 1),
+                fmt(ttfe["p99"], 1),
+                fmt(r["rss_peak_kb"] / 1024, 1),
+                fmt(r["harness_core_pct"]),
+                f"{r['foreign_core0_pct']:.0f} / {r['foreign_core1_pct']:.0f}",
+            ]
+        )
+    header = ["subject", "requests/s", "× Express", "× floor", "CPU µs/request", "CPU µs/event", "subject core %"]
+    header += ["completed", "errors", "TTFE p50 ms", "TTFE p99 ms", "peak RSS MB", "harness core %"]
+    header += ["foreign load core 0 / 1 %"]
+    return table(header, rows)
+
+
+# --- S7: the mission's scale, through nginx ------------------------------------------------------
+
+
+def run_s7(subjects, p, options):
+    """Many streams through the shipped nginx.conf to the shipped gunicorn.conf.py, all on the whole machine."""
+    if "flask" not in subjects:
+        return []
+    warm = 4 * WARMUP  # a few for each worker: least_conn spreads them
+    upstream = start_upstream("S7", int(p["rate"] * p["seconds"]), interval=1 / p["rate"], warmup=warm, core=None)
+    service = nginx = None
+    try:
+        service = start_service("S7", upstream.port, p["settings"])
+        nginx = start_nginx("S7", service.port, p["nginx"])
+        run_load(nginx.port, warm, "S7-warmup", ramp=0, timeout=30, core=None, sources=warm)
+        time.sleep(1.0)
+        workers, nginxes = children(service.pid), tree(nginx.pid)
+        idle = {pid: rss_kb(pid) for pid in workers + nginxes}
+        parts = {"service": service, "nginx": nginx, "upstream": upstream}
+        cpu_before = {name: tree_cpu(proc.pid) for name, proc in parts.items()}
+        log_offset = service.log_path.stat().st_size
+        peaks = Peaks(workers + nginxes)
+        peaks.start()
+        timeout = p["ramp"] + p["seconds"] + 60
+        result = run_load(nginx.port, p["streams"], "S7", p["ramp"], timeout, core=None, sources=p["streams"])
+        peak = peaks.stop()
+        cpu = {name: tree_cpu(proc.pid) - cpu_before[name] for name, proc in parts.items()}
+        result["log_ends"] = stream_ends(service.log_path, log_offset)
+    finally:
+        for proc in (nginx, service):
+            if proc is not None:
+                proc.stop()
+        stop_upstream(upstream)
+    result.update(subject="flask", settings=p["settings"], nginx_changes=p["nginx"], streams=p["streams"])
+    result.update(nginx_log=nginx_complaints(nginx.error_log), loadgen_cpu=result["loadgen_cpu_s"], cpu_s=cpu)
+    result["workers"] = [{"rss_idle_kb": idle[pid], "rss_peak_kb": peak[pid]} for pid in workers]
+    result["nginx_rss_idle_kb"] = sum(idle[pid] for pid in nginxes)
+    result["nginx_rss_peak_kb"] = sum(peak[pid] for pid in nginxes)
+    result["failed"] = failed(result)
+    say_s7(result)
+    return [result]
+
+
+def nginx_complaints(path):
+    """nginx's error log, its lines counted by what they say (times, pids and addresses left out)."""
+    said = {}
+    for line in path.read_text(errors="replace").splitlines() if path.exists() else ():
+        words = line.split(" ", 3)[-1].split(", client:")[0]  # past the date, time and level
+        key = re.sub(r"\d+#\d+: (\*\d+ )?", "", words)[:160]
+        said[key] = said.get(key, 0) + 1
+    return dict(sorted(said.items(), key=lambda kv: -kv[1])[:5])
+
+
+def say_s7(r):
+    lat, ttfe = r["latency_ms"], r["ttfe_ms"]
+    workers = ", ".join(f"{w['rss_idle_kb'] / 1024:.0f} -> {w['rss_peak_kb'] / 1024:.0f}" for w in r["workers"])
+    print(
+        f"  completed {r['completed']:,}/{r['streams']:,}, errors {r['errors']}, unfinished {r['unfinished']}, "
+        f"added p50/p99 {fmt(lat['p50'], 1)}/{fmt(lat['p99'], 1)} ms, TTFE p50/p99 {fmt(ttfe['p50'])}/"
+        f"{fmt(ttfe['p99'])} ms, workers' RSS MB {workers}, nginx {r['nginx_rss_idle_kb'] / 1024:.0f} -> "
+        f"{r['nginx_rss_peak_kb'] / 1024:.0f} MB, CPU s {r['cpu_s']}, log {r['log_ends']}, nginx said {r['nginx_log']}",
+        flush=True,
+    )
+
+
+def report_s7(runs):
+    rows = []
+    for r in runs:
+        lat, ttfe = r["latency_ms"], r["ttfe_ms"]
+        worker_mb = " / ".join(f"{w['rss_idle_kb'] / 1024:.0f} → {w['rss_peak_kb'] / 1024:.0f}" for w in r["workers"])
+        per_stream = [(w["rss_peak_kb"] - w["rss_idle_kb"]) for w in r["workers"]]
+        cpu = r["cpu_s"]
+        rows.append(
+            [
+                f"{r['completed']:,}/{r['streams']:,}",
+                ", ".join(f"{k}={v}" for k, v in r["errors"].items()) or "none",
+                r["unfinished"],
+                f"{fmt(lat['p50'], 1)} / {fmt(lat['p99'], 1)} / {fmt(lat['max'])}",
+                f"{fmt(ttfe['p50'])} / {fmt(ttfe['p99'])}",
+                worker_mb,
+                fmt(sum(per_stream) / max(1, r["streams"]), 1),
+                f"{r['nginx_rss_idle_kb'] / 1024:.0f} → {r['nginx_rss_peak_kb'] / 1024:.0f}",
+                f"{cpu['service']:.0f} / {cpu['nginx']:.0f} / {cpu['upstream']:.0f} / {r['loadgen_cpu']:.0f}",
+                ", ".join(f"{k} × {v}" for k, v in sorted(r["log_ends"].items())) or "none",
+            ]
+        )
+    header = ["completed", "errors", "unfinished", "added p50 / p99 / max ms", "TTFE p50 / p99 ms"]
+    header += ["RSS per worker MB (idle → peak)", "KB per stream (workers)", "nginx RSS MB (idle → peak)"]
+    header += ["CPU s: service / nginx / upstream / load", "log lines"]
+    text = table(header, rows)
+    for r in runs:
+        settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or "none"
+        changes = "; ".join(f"`{old}` → `{new}`" for old, new in r["nginx_changes"]) or "none"
+        text += f"\n\nBeyond what the README's deploy section sets: settings {settings}; nginx.conf {changes}."
+        if r["nginx_log"]:
+            text += " nginx's error log: " + "; ".join(f"{k} × {v}" for k, v in r["nginx_log"].items()) + "."
+    return text
+
+
+# --- S8: resume -----------------------------------------------------------------------------------
+
+
+def run_s8(subjects, p, options):
+    """Cut streams mid-reply, then resume every one by Last-Event-ID: how soon, how complete, what kept ones cost."""
+    runs = []
+    for subject in subjects:
+        if not subject.startswith("flask"):
+            continue  # the peers and the floor have no resume
+        upstream_args = {"tokens": p["tokens"], "interval": 1 / p["rate"]}
+        timeout = p["ramp"] + p["tokens"] / p["rate"] + 30
+        flags = {"cut_after": p["cut_after"], "pause": p["pause"]}
+        result = measured(options, subject, "S8", upstream_args, p["streams"], p["ramp"], timeout, **flags)
+        resumed = result.get("resumed") or {}
+        result["kb_per_kept_stream"] = (
+            (result["rss_open_kb"] - result["rss_idle_kb"]) / resumed["cut"]
+            if resumed.get("cut") and result["rss_open_kb"]
+            else None
+        )
+        result["expected_events"] = p["streams"] * p["tokens"]
+        result["failed"] = failed(result) or failed_resume(resumed, p["streams"])
+        say(result, f"cut={resumed.get('cut')} resumed={resumed.get('completed')} {result['failed'] or ''}")
+        runs.append(result)
+    return runs
+
+
+def failed_resume(resumed, streams):
+    if not resumed:
+        return "nothing resumed"
+    reasons = [f"{k}={v}" for k, v in resumed["errors"].items()]
+    if resumed["completed"] < streams:
+        reasons.append(f"{resumed['completed']} of {streams} resumed to the end")
+    return "; ".join(reasons) or None
+
+
+def report_s8(runs):
+    rows = []
+    for r in runs:
+        resumed = r.get("resumed") or {"ttfe_ms": {}, "errors": {}}
+        ttfe = resumed["ttfe_ms"]
+        rows.append(
+            [
+                r["subject"],
+                resumed.get("cut", "–"),
+                resumed.get("completed", "–"),
+                ", ".join(f"{k}={v}" for k, v in resumed["errors"].items()) or "none",
+                fmt(ttfe.get("p50"), 1),
+                fmt(ttfe.get("p99"), 1),
+                fmt(ttfe.get("max"), 1),
+                f"{r['events'] + resumed.get('events', 0):,} of {r['expected_events']:,}",
+                fmt(r["rss_idle_kb"] / 1024, 1),
+                fmt(r["rss_open_kb"] / 1024 if r["rss_open_kb"] else None, 1),
+                fmt(r["kb_per_kept_stream"], 1),
+                fmt(r["cpu_s"], 1),
+                f"{r['foreign_core0_pct']:.0f} / {r['foreign_core1_pct']:.0f}",
+                r["failed"] or "ok",
+            ]
+        )
+    header = ["subject", "cut", "resumed to [DONE]", "resume errors", "first resumed event p50 ms", "p99 ms", "max ms"]
+    header += ["content events, before + after the cut", "RSS idle MB", "RSS with the streams kept MB"]
+    header += ["KB per kept stream", "CPU s", "foreign load core 0 / 1 %", "verdict"]
+    return table(header, rows)
+
+
 # --- the scenarios: one entry each ------------------------------------------------------------
 
 
@@ -481,6 +698,10 @@ class Scenario:
 
 # S5, the same in both: 10,000 tokens are 2.1 MB from the upstream and 430 KB of events per stream, several
 # times what the client's side holds; the scenario stops by itself after `bound` seconds.
+# S7, on this machine's 2 cores (2 workers): room for 5,000 streams per worker, and nginx's for 2 x 5,000
+# connections per nginx worker (the shipped 4096 hold ~2,000 streams each).
+S7_SETTINGS = {"GUNICORN_WORKER_CONNECTIONS": "6000", "CHAT_MAX_STREAMS": "5900"}
+S7_NGINX = [("worker_connections 4096;", "worker_connections 16384;")]
 S5_PARAMS = {"clients": 100, "tokens": 10_000, "bound": 20.0, "settings": STALL_SETTINGS}
 SCENARIOS = {
     "S1": Scenario(
@@ -517,6 +738,32 @@ SCENARIOS = {
         quick=S5_PARAMS,
         run=run_s5,
         report=report_s5,
+    ),
+    "S6": Scenario(
+        "S6: short replies ({tokens} tokens, upstream as fast as it can), {c} in flight for {seconds} s: requests/s",
+        full={"c": 50, "tokens": 20, "seconds": 10},
+        quick={"c": 50, "tokens": 20, "seconds": 5},
+        run=run_s6,
+        report=report_s6,
+    ),
+    # Through nginx, so every stream gets its own client address (limit_conn: 10 per address). What it
+    # needs beyond the README's deploy section is listed here and printed under its table.
+    "S7": Scenario(
+        "S7: {streams} streams ({rate} tokens/s, {seconds} s each, ramped over {ramp} s) through nginx.conf "
+        "to gunicorn.conf.py, on the whole machine",
+        full={"streams": 10_000, "rate": 5, "seconds": 60, "ramp": 20, "settings": S7_SETTINGS, "nginx": S7_NGINX},
+        quick={"streams": 2_000, "rate": 5, "seconds": 20, "ramp": 4, "settings": S7_SETTINGS, "nginx": S7_NGINX},
+        run=run_s7,
+        report=report_s7,
+    ),
+    # Issue 17's resume: each stream is cut after cut_after events, and resumed pause s later.
+    "S8": Scenario(
+        "S8: resume: {streams} streams ({tokens} tokens at {rate}/s) cut after {cut_after} events, "
+        "resumed {pause} s later by Last-Event-ID",
+        full={"streams": 1000, "tokens": 500, "rate": 50, "ramp": 2, "cut_after": 50, "pause": 1.0},
+        quick={"streams": 300, "tokens": 150, "rate": 50, "ramp": 1, "cut_after": 25, "pause": 1.0},
+        run=run_s8,
+        report=report_s8,
     ),
 }
 
@@ -644,6 +891,24 @@ class Target:
         return [self.text.format(**self.limits), figures, verdict]
 
 
+def s6_versus_express(raw):
+    s6, s6_express = ours(raw, "S6"), ours(raw, "S6", "express")
+    if not (s6 and s6_express):
+        return None
+    mine, theirs = s6[0]["requests_per_s"], s6_express[0]["requests_per_s"]
+    return f"{mine:,.0f} vs {theirs:,.0f} requests/s ({mine / theirs:.2f}×)", mine >= theirs
+
+
+def s7_scale(raw, streams, ms):
+    s7 = ours(raw, "S7")
+    if not s7:
+        return None
+    r = s7[0]
+    p99 = r["latency_ms"]["p99"]
+    text = f"{r['completed']:,} of {r['streams']:,} complete, {r['error_count']} errors, p99 added {fmt(p99, 1)} ms"
+    return text, r["streams"] >= streams and r["completed"] == r["streams"] and p99 is not None and p99 < ms
+
+
 STALLED_FOR = float(STALL_SETTINGS["CHAT_SEND_TIMEOUT"]) + float(STALL_SETTINGS["CHAT_HEARTBEAT_SECONDS"])
 TARGETS = [
     Target("S1 events/s ≥ {times}× Express's, same run", {"times": 1.75}, s1_versus_express),
@@ -662,6 +927,12 @@ TARGETS = [
         "S5 every stalled stream let go within CHAT_SEND_TIMEOUT + one heartbeat ({seconds:g} s here)",
         {"seconds": STALLED_FOR},
         s5_let_go,
+    ),
+    Target("S6 requests/s ≥ Express's (20-token replies)", {}, s6_versus_express),
+    Target(
+        "S7 all {streams:,} streams complete through nginx, p99 added < {ms} ms",
+        {"streams": 10_000, "ms": 100},
+        s7_scale,
     ),
 ]
 TARGETS_HEADER = ["target (per gevent worker, i.e. per core)", "measured", "verdict"]
@@ -693,7 +964,8 @@ def parse_options(argv):
     args = parser.parse_args(argv)
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()]
     scenarios = [s.strip().upper() for s in args.scenarios.split(",") if s.strip()]
-    unknown = set(subjects) - {DIRECT, *SUBJECT_NAMES} | set(scenarios) - set(SCENARIOS)
+    known = {DIRECT, *SUBJECT_NAMES}
+    unknown = {s for s in subjects if s not in known and not s.startswith("flask@")} | set(scenarios) - set(SCENARIOS)
     if unknown:
         parser.error(f"unknown: {', '.join(sorted(unknown))}")
     options = Options(quick=args.quick, repeat=max(1, args.repeat), profile=args.profile)
