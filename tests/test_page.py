@@ -1074,6 +1074,7 @@ def test_token_to_screen_of_a_long_markdown_reply(chat_page, upstream):
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "token-latency.txt").write_text(report + "\n")
     print(report)
-    # Never much below zero: the send time is noted just after the write, so it can trail it a little.
-    assert min(to_dom) > -5
+    # Never much below zero: the send time is noted just after the write, so it can trail it, by as
+    # much as the fake upstream's thread waits for the GIL (8 ms seen with the two cores loaded).
+    assert min(to_dom) > -25
     assert statistics.median(to_screen) < 50  # coarse: a frame or two, not a growing backlog
