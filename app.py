@@ -616,28 +616,65 @@ def error_response(exc):
     headers = getattr(exc, "headers", None) or {}
     if meter := metrics(current_app.config):
         meter.refused_before_stream(exc.code, code)
+    message = from_outside(exc.description, SHOWN_CHARACTERS)  # an upstream's 400 is passed on in its own words
     if request.path.endswith("/api/ui-chat"):
-        return Response(redact(exc.description), exc.code, headers, mimetype="text/plain")
-    return jsonify(error={"message": redact(exc.description), "code": code}), exc.code, headers
+        return Response(message, exc.code, headers, mimetype="text/plain")
+    return jsonify(error={"message": message, "code": code}), exc.code, headers
 
+
+# --- Text from outside (an upstream's errors, a client's values), on its way to a client or the log ---
 
 KEY_LIKE = re.compile(r"\bsk-[A-Za-z0-9_-]{6,}|\b[Bb]earer\s+[A-Za-z0-9._~+/=-]{6,}")
-secrets = set()  # the configured key and token, added when the blueprint is registered
+SHORTEST_PIECE = 8  # a piece of a configured secret this long, at either end of it, is redacted too
+secrets = {}  # the configured key and token -> a pattern of their pieces; added when the blueprint is registered
+SHOWN_CHARACTERS, LOGGED_CHARACTERS = 500, 300  # of one value from outside, to a client and into the log
+READ_CHARACTERS = 4000  # what lies past this in one value is never shown, so it is not searched either
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # line breaks, ANSI escapes and the like
+
+
+def keep_secret(secret):
+    """Redact `secret` from now on: whole, or in pieces that start or end it (a key cut short, or half echoed)."""
+    shortest = min(len(secret), SHORTEST_PIECE)
+    pieces = {piece for n in range(shortest, len(secret) + 1) for piece in (secret[:n], secret[-n:])}
+    secrets[secret] = re.compile("|".join(map(re.escape, sorted(pieces, key=len, reverse=True))))
 
 
 def redact(text):
-    """Hide key-like strings (sk-..., bearer tokens, the configured key and token) from a client or a log."""
-    for secret in secrets:
+    """Hide key-like strings (sk-..., bearer tokens) and the configured key and token, whole or in pieces."""
+    for secret, pieces in secrets.items():
         text = text.replace(secret, "[redacted]")
+        if secret[:SHORTEST_PIECE] in text or secret[-SHORTEST_PIECE:] in text:  # most text has neither end
+            text = pieces.sub("[redacted]", text)
     return KEY_LIKE.sub("[redacted]", text)
 
 
+def from_outside(text, limit):
+    """Redact a value that came from outside, then cut it to `limit` characters: the other way round, a
+    key across the cut would go out less its last character."""
+    return redact(text[:READ_CHARACTERS])[:limit]
+
+
+def one_line(text):
+    """Escape control characters, so that a value cannot start a log line of its own or hide one."""
+    return CONTROL.sub(lambda match: repr(match.group())[1:-1], text)
+
+
 class Redacting(logging.Filter):
-    """Redact every line of the "chat" log: upstream messages end up in it, and they can quote a key."""
+    """Keep the "chat" log's lines true: every value in one (upstream text included) is redacted, cut and
+    escaped, so that none can leak a key or forge a line. The lines' wording is the code's own."""
 
     def filter(self, record):
-        record.msg, record.args = redact(record.getMessage()), None
+        if isinstance(record.args, dict):  # log.info("%(name)s", {...})
+            record.args = {name: logged(value) for name, value in record.args.items()}
+        else:
+            record.args = tuple(map(logged, record.args or ()))
+        record.msg, record.args = one_line(redact(record.getMessage())), None
         return True
+
+
+def logged(value):
+    """A log line's value as the line shows it: numbers as they are, anything else as text from outside."""
+    return value if isinstance(value, int | float) else from_outside(str(value), LOGGED_CHARACTERS)
 
 
 REDACTING = Redacting()
@@ -734,7 +771,8 @@ def apply_defaults(state):
     for key, value in config_from_env().items():
         state.app.config.setdefault(key, value)
     check_settings(state.app.config)
-    secrets.update(filter(None, (state.app.config["OPENAI_API_KEY"], state.app.config["CHAT_API_TOKEN"])))
+    for secret in filter(None, (state.app.config["OPENAI_API_KEY"], state.app.config["CHAT_API_TOKEN"])):
+        keep_secret(secret)
     log.addFilter(REDACTING)
     if uses_demo(state.app.config):
         log.warning(
