@@ -183,6 +183,7 @@ def chat_reply():
     config = current_app.config
     check_token(config["CHAT_API_TOKEN"])
     if "diagnostic" in request.args:  # `flask doctor`'s stream: at the chat's URL, so it takes the chat's proxy path
+        require_json()  # or any site could open diagnostic streams from its visitors' browsers, with a form
         import operate
 
         return operate.diagnostic(request.args, config, relay_diagnostic)
@@ -279,10 +280,16 @@ class BodyTimeout(Exception):
     """The request's body took longer than CHAT_BODY_TIMEOUT to arrive."""
 
 
-def read_json(config):
-    """Return the request's JSON body, or raise ApiError: not JSON, too large, not UTF-8, too deep."""
+def require_json():
+    """Refuse a body that is not JSON. A page on another site can POST a form or text/plain here unasked;
+    JSON needs a CORS preflight first, which only CHAT_CORS_ORIGINS pass."""
     if request.mimetype != "application/json":
         raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json.")
+
+
+def read_json(config):
+    """Return the request's JSON body, or raise ApiError: not JSON, too large, not UTF-8, too deep."""
+    require_json()
     limit = request.max_content_length = config["CHAT_MAX_BODY_BYTES"]
     # A body that trickles in would hold its connection for good: under gevent, cut it at a total time.
     allowed = config["CHAT_BODY_TIMEOUT"] if is_module_patched("socket") else None  # None: no timer at all
@@ -757,12 +764,13 @@ def prometheus_metrics():
 @click.option("--silence", default=70.0, type=click.FloatRange(0, 600), help="Seconds of silence to hold (default 70).")
 @click.option("--token", help="The deployment's CHAT_API_TOKEN (default: this app's).")
 @click.option("--cafile", help="CA certificates to trust for TLS, besides the system's (PEM).")
-def doctor(url, silence, token, cafile):
+@click.option("--insecure", is_flag=True, help="Send the token even to a server whose certificate is not trusted.")
+def doctor(url, silence, token, cafile, insecure):
     """Check that a deployment streams: buffering, compression, headers, silences, aborts, HTTP/2, TLS."""
     import operate
 
     token = current_app.config["CHAT_API_TOKEN"] if token is None else token
-    raise SystemExit(operate.doctor(url, silence, token, cafile))
+    raise SystemExit(operate.doctor(url, silence, token, cafile, insecure=insecure))
 
 
 @chat.record_once
