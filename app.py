@@ -144,6 +144,21 @@ def check_settings(config):
             raise SettingError(f"{key} must be {must_be}{shown}.")
     if config["CHAT_MODEL"] not in allowed_models(config):
         raise SettingError(f"CHAT_MODEL={config['CHAT_MODEL']!r} must be one of CHAT_MODELS ({config['CHAT_MODELS']}).")
+    check_origins(comma_list(config["CHAT_CORS_ORIGINS"]))
+
+
+ORIGIN = re.compile(r"https?://[^/?#@\s]+")  # what a browser sends in Origin: scheme, host and port, no path
+
+
+def check_origins(origins):
+    """Raise SettingError for a CORS origin that lets in more than it says, or never matches anything."""
+    for origin in origins:
+        if origin.lower() == "null":  # sandboxed iframes, local files and some redirects: anyone can be one
+            raise SettingError("CHAT_CORS_ORIGINS must not list null: any site can send Origin: null.")
+        if origin == "*" and len(origins) > 1:
+            raise SettingError("CHAT_CORS_ORIGINS must be * (every site, without credentials) or origins, not both.")
+        if origin != "*" and not ORIGIN.fullmatch(origin):
+            raise SettingError(f"CHAT_CORS_ORIGINS must list origins such as https://app.example, not {origin!r}.")
 
 
 def comma_list(value):
@@ -698,15 +713,26 @@ def chat_wrong_method():
 def allow_listed_origins(response):
     """Allow cross-origin calls from CHAT_CORS_ORIGINS only; none by default, as the page is same-origin."""
     allowed = comma_list(current_app.config["CHAT_CORS_ORIGINS"])
-    if allowed:
-        response.vary.add("Origin")
     origin = request.headers.get("Origin")
+    if allowed == ["*"]:  # every site, and so without credentials: cookies are never sent, bearer tokens still are
+        origin = "*"
+    elif allowed:
+        response.vary.add("Origin")
     if origin in allowed:
         response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Access-Control-Allow-Methods"] = "POST"
         response.headers["Access-Control-Allow-Headers"] = "Content-Type, Authorization"
         response.headers["Access-Control-Expose-Headers"] = "Retry-After, X-Request-Id"
         response.headers["Access-Control-Max-Age"] = "600"
+    return response
+
+
+@chat.after_request
+def forbid_sniffing(response):
+    """Every response: read as the type it says, never sniffed (JSON or an upload shown as HTML), and no
+    Referer sent to the sites a reply links to. A host's own values win."""
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Referrer-Policy", "no-referrer")  # nginx.conf sends the same
     return response
 
 
@@ -798,8 +824,11 @@ def create_app(config=None):
     # The stream log under `flask run`; a no-op under gunicorn, whose logging is set up first.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = Flask(__name__, static_folder=None)  # the blueprint serves static/ at /chat-static
+    # /api//models is a 404, not Werkzeug's redirect to /api/models: it would be built from the Host header.
+    app.url_map.merge_slashes = False
     app.config.update(config or {})
     app.register_blueprint(chat)
+    app.after_request(forbid_sniffing)  # the app's own responses too (a 404 outside the blueprint's URLs)
     # Make the SDK clients now, and let the SDK import the parts it loads on first use: the first
     # request would otherwise wait ~50 ms for both.
     for sdk_client in worker_state(app).sdk_clients[:1]:
