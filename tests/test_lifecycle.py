@@ -319,13 +319,13 @@ def room_for_descriptors():
 
 def test_a_closed_client_is_seen_past_descriptor_1024(room_for_descriptors):
     """select() refuses descriptors past 1024, which a worker with ~500 streams already uses."""
-    from app import Client
+    from app import BrowserSocket
 
     filler = [socket.socket() for _ in range(1030)]
     ours, theirs = socket.socketpair()
     try:
         assert ours.fileno() > 1024
-        client = Client(ours, {"CHAT_SEND_TIMEOUT": 1.0})
+        client = BrowserSocket(ours, {"CHAT_SEND_TIMEOUT": 1.0})
         assert client.has_room()
         assert not client.has_left()
         theirs.close()

@@ -140,7 +140,7 @@ BAD_BODIES = [
     ("not an object", [], "must be a JSON object"),
     ("no messages", {"id": "c"}, "messages must be a non-empty list"),
     ("empty messages", {"messages": []}, "messages must be a non-empty list"),
-    ("unknown field", {"messages": [USER_HI], "temperatur": 1}, "Unknown field: temperatur"),
+    ("unknown field", {"messages": [USER_HI], "temperatur": 1}, "unknown field: temperatur"),
     ("unknown model", {"messages": [USER_HI], "model": "gpt-9"}, "Unknown model: gpt-9"),
     ("id not a string", {"messages": [USER_HI], "id": 7}, "id must be a string"),
     ("unknown trigger", {"messages": [USER_HI], "trigger": "resume"}, "trigger must be one of"),
