@@ -191,12 +191,19 @@ def test_a_reply_cut_on_one_worker_resumes_live_on_the_other(two_workers, upstre
     body = rest.read1(65536)
     first_event = time.monotonic() - asked
     live = not upstream.received[0].finished.is_set()  # the first resumed event came while the model still wrote
+    arrived = {}  # token number: when it reached this reader
     while chunk := rest.read1(65536):
         body += chunk
-    print(f"\nresumed on the other worker: first event after {first_event * 1000:.1f} ms")
+        arrived.update((int(n), time.monotonic()) for n in re.findall(rb'"content": "t(\d+) "', chunk))
+    sent = upstream.received[0].sent
+    delays = sorted(arrived[n] - sent[n] for n in arrived if n >= 40)  # read live, well after the replay
+    median, most = delays[len(delays) // 2], delays[-1]
+    print(f"\nthe other worker: first resumed event after {first_event * 1000:.1f} ms, live events after")
+    print(f"the model sent them: {median * 1000:.1f} ms (median), {most * 1000:.1f} ms at most")
 
     assert rest.status == 200
     assert live
+    assert median < 0.06  # rung by the producer's worker, not found by a slow look
     assert before + events_of(body) == whole_log(two_workers, stream_id, cookie)
     assert body.endswith(b"data: [DONE]\n\n")
     assert len(upstream.received) == 1
