@@ -421,6 +421,8 @@ class Reply:
     def read(self, until):
         """Return the next block, or None if nothing came by `until` (a time.monotonic()): a heartbeat is due."""
         block = self.next_block(until)
+        if block is None and self.stream_log is not None:
+            self.stream_log.beat()  # a silence: readers elsewhere must not take the producer for dead
         return block if block is None else self.logged(block)
 
     def logged(self, block):
@@ -516,7 +518,6 @@ class Reply:
                     self.record.end(left)  # nobody came back: the reply ends as it would have at once
                     return
                 self.read(until=min(now + self.heartbeat, unread_since + self.unread_for))
-                self.stream_log.beat()
             self.record.end("done")
         except GreenletExit:
             self.shut_down()
@@ -634,8 +635,11 @@ def ui_chat_stop(chat_id):
     """Stop the chat's latest stream: the AI SDK's stop() only aborts its fetch, which a resumable reply outlives."""
     check_token(current_app.config["CHAT_API_TOKEN"])
     logs, owner = resume_logs(current_app), stream_owner()
+    name = logs.pointed(resume.chat_key(owner, chat_id))
+    if name is None:
+        raise ApiError(*resume.NOT_FOUND)
     with refusals():
-        logs.stop_named(logs.pointed(resume.chat_key(owner, chat_id)) or "-", owner)
+        logs.stop_named(name, owner)
     return "", 204
 
 

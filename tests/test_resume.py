@@ -209,6 +209,23 @@ def test_a_reply_cut_on_one_worker_resumes_live_on_the_other(two_workers, upstre
     assert len(upstream.received) == 1
 
 
+def test_a_reader_in_another_worker_waits_out_a_long_silence(two_workers, upstream):
+    """The producer beats at each heartbeat of a silence: its readers elsewhere do not take it for dead."""
+    upstream.reset(tokens=tokens(3), hold=4.0)  # longer than a reader waits without a beat (3 heartbeats + 2 s)
+    producer = WorkerConnection(two_workers, 0)
+    response = producer.request("POST", "/api/chat", {"Content-Type": "application/json"}, json.dumps(HI))
+    response.read1(65536)
+    headers = dict(response.getheaders())
+    other = connection_to_another_worker(two_workers, producer.pid)
+    resumed = other.request("GET", f"/api/chat/{headers['X-Stream-Id']}", {"Cookie": cookie_of(headers)})
+    body = resumed.read()
+    response.read()
+    producer.connection.close()
+
+    assert b"stream_lost" not in body
+    assert body.endswith(b"data: [DONE]\n\n")
+
+
 # --- Stop, and a reader that never comes back ----------------------------------------------------------
 
 
