@@ -1055,4 +1055,5 @@ def create_app(config=None):
     # request would otherwise wait ~50 ms for both.
     for sdk_client in worker_state(app).sdk_clients[:1]:
         sdk_client.chat.completions.with_streaming_response  # noqa: B018 (the access is the point)
+    resume_logs(app)  # with CHAT_RESUME_REDIS_URL, importing redis-py would cost the first resume ~100 ms
     return app
