@@ -26,7 +26,6 @@ import os
 import re
 import select
 import socket
-import tempfile
 import threading
 import time
 import uuid
@@ -751,7 +750,7 @@ def resume_logs(app):
         if settings["CHAT_RESUME_REDIS_URL"]:
             logs = resume.RedisLogs(settings["CHAT_RESUME_REDIS_URL"], settings)
         else:
-            logs = resume.FileLogs(settings["CHAT_RESUME_DIR"] or tempfile.mkdtemp(prefix="chat-resume-"), settings)
+            logs = resume.FileLogs(settings["CHAT_RESUME_DIR"], settings)
         app.extensions["chat.resume"] = logs
     return app.extensions["chat.resume"]
 

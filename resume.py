@@ -34,6 +34,7 @@ import re
 import secrets
 import socket
 import struct
+import tempfile
 import threading
 import time
 
@@ -389,8 +390,8 @@ class FileLogs:
     sooner, oldest first, when this worker's logs pass CHAT_RESUME_WORKER_BYTES.
     """
 
-    def __init__(self, directory, config):
-        self.directory = directory
+    def __init__(self, directory, config):  # directory: "" for one of this process's own
+        self.given_directory, self.made_directory = directory, None
         self.cap, self.keep = config["CHAT_RESUME_MAX_BYTES"], config["CHAT_RESUME_KEEP_SECONDS"]
         self.budget, self.most_readers = config["CHAT_RESUME_WORKER_BYTES"], config["CHAT_RESUME_READERS"]
         self.lost_after = 3 * config["CHAT_HEARTBEAT_SECONDS"] + 2  # the producer beats at every heartbeat
@@ -401,6 +402,13 @@ class FileLogs:
         self.followed = {}  # name: events of readers here of a stream another worker generates
         self.followers_here = collections.Counter()  # name: readers here of it, waiting or not
         self.lock = threading.Lock()
+
+    @property
+    def directory(self):
+        """CHAT_RESUME_DIR, or else a directory of this process's own, made when first needed."""
+        if not self.given_directory and self.made_directory is None:
+            self.made_directory = tempfile.mkdtemp(prefix="chat-resume-")
+        return self.given_directory or self.made_directory
 
     def path(self, name):
         return os.path.join(self.directory, name + ".log")
