@@ -53,16 +53,7 @@ from protocols import (
     parse_chat_request,
     read_json,
 )
-from upstream import (
-    SOCKET_BUFFER,
-    ClientLeft,
-    DemoStream,
-    StreamTimeout,
-    UpstreamError,
-    make_openai_clients,
-    open_upstream,
-    refusal,
-)
+from upstream import SOCKET_BUFFER, ClientLeft, StreamTimeout, Upstream, UpstreamError, refusal, uses_demo
 
 log = logging.getLogger("chat")
 
@@ -171,11 +162,6 @@ def check_settings(config):
         raise SettingError(f"CHAT_MODEL={config['CHAT_MODEL']!r} must be one of CHAT_MODELS ({config['CHAT_MODELS']}).")
 
 
-def uses_demo(config):
-    """Tell whether the built-in demo model answers: no key and no server to talk to."""
-    return not config["OPENAI_API_KEY"] and not config["OPENAI_BASE_URL"]
-
-
 # --- The request: check it, open the upstream, relay its reply ----------------------------------
 
 # The page's files get their own URL path: an app's /static would shadow an unprefixed blueprint's.
@@ -215,10 +201,7 @@ def open_reply(config, model, messages, params, encoder, chat_id=None):
     requested_at = time.monotonic()
     try:
         browser = BrowserSocket.of_request(config)
-        if uses_demo(config):
-            upstream = DemoStream(messages, config["CHAT_DEMO_WORD_SECONDS"])
-        else:
-            upstream = open_upstream(worker, config, model, messages, params, browser)
+        upstream = worker.upstream.open(model, messages, params, browser.has_left)
     except (openai.OpenAIError, ClientLeft) as exc:
         worker.slots.release()
         refused = ApiError(*refusal(exc, model))
@@ -554,9 +537,10 @@ class StreamRecord:
             self.end("error", "relay_error")
             log.exception("stream %s failed: relay_error", self.stream_id, extra={"secrets": self.secrets})
             return "relay_error", "The reply failed."
-        self.end("timeout" if isinstance(exc, StreamTimeout) else "error", exc.code)
-        log.warning("stream %s failed: %s %s", self.stream_id, exc.code, exc.detail, extra={"secrets": self.secrets})
-        return exc.code, str(exc)
+        code = exc.error_code
+        self.end("timeout" if isinstance(exc, StreamTimeout) else "error", code)
+        log.warning("stream %s failed: %s %s", self.stream_id, code, exc.detail, extra={"secrets": self.secrets})
+        return code, str(exc)
 
     def ended(self, upstream):
         """Log the stream's one line and tell the watcher, once the upstream is closed."""
@@ -843,18 +827,11 @@ class BrowserSocket:
 
 
 class WorkerState:
-    """What one worker process keeps for an app: its SDK clients and its count of open streams."""
+    """What one worker process keeps for an app: its way to the model and its count of open streams."""
 
     def __init__(self, config):
         self.slots = StreamSlots(config["CHAT_MAX_STREAMS"])
-        self.sdk_clients = [] if uses_demo(config) else make_openai_clients(config)
-        self.turn = 0
-        self.stream_usage = config["CHAT_STREAM_USAGE"] != "off"  # auto turns it off when a server refuses it
-
-    def next_sdk_client(self):
-        """Take the SDK clients in turn: one pool for thousands of streams would cost O(streams) per stream."""
-        self.turn = (self.turn + 1) % len(self.sdk_clients)
-        return self.sdk_clients[self.turn]
+        self.upstream = Upstream(config)  # its SDK clients (or the demo model), made after the fork
 
 
 def worker_state(app):
@@ -1050,9 +1027,6 @@ def create_app(config=None):
     app = Flask(__name__, static_folder=None)  # the blueprint serves static/ at /chat-static
     app.config.update(config or {})
     app.register_blueprint(chat)
-    # Make the SDK clients now, and let the SDK import the parts it loads on first use: the first
-    # request would otherwise wait ~50 ms for both.
-    for sdk_client in worker_state(app).sdk_clients[:1]:
-        sdk_client.chat.completions.with_streaming_response  # noqa: B018 (the access is the point)
+    worker_state(app).upstream.warm_up()  # the SDK clients now, not on the first request (~50 ms)
     resume_logs(app)  # with CHAT_RESUME_REDIS_URL, importing redis-py would cost the first resume ~100 ms
     return app

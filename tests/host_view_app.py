@@ -1,19 +1,21 @@
 """A host app that relays in views of its own, with only the relay's public piece: no blueprint.
 
 Started by gunicorn in test_host_view.py (`tests.host_view_app:host`). Its request shape is its own
-({"question": ...}); what it streams is the built-in demo model, or the SDK's stream of its own
-client wrapped as the relay's UpstreamStream contract (app.py).
+({"question": ...}); what it streams is the built-in demo model, upstream.py's Upstream (the SDK's
+request, the reply read off its socket), or the SDK's stream of its own client wrapped as the
+relay's UpstreamStream contract (app.py).
 """
 
 import functools
 import os
+from collections import ChainMap
 
 import openai
 from flask import Flask, request
 
-from app import relay_response
+from app import DEFAULTS, BrowserSocket, relay_response
 from protocols import EventStream
-from upstream import DemoStream, UpstreamError
+from upstream import DemoStream, Upstream, UpstreamError
 
 host = Flask(__name__)
 
@@ -37,6 +39,27 @@ def ask_model():
     messages = [{"role": "user", "content": request.json["question"]}]
     chunks = sdk_client().chat.completions.create(model="gpt-test", messages=messages, stream=True)
     return relay_response(SDKStream(chunks), EventStream(), host.config, model="gpt-test")
+
+
+@host.post("/ask-fast")
+def ask_fast():
+    """upstream.py's reader, with heartbeats in silences: one Upstream per worker, made on first use."""
+    messages = [{"role": "user", "content": request.json["question"]}]
+    settings = upstream_settings()
+    stream = worker_upstream().open("gpt-test", messages, client_left=BrowserSocket.of_request(settings).has_left)
+    return relay_response(stream, EventStream(), settings, model="gpt-test")
+
+
+@functools.cache
+def upstream_settings():
+    """The host's settings for the model, with app.py's DEFAULTS for the rest (read once, not at import)."""
+    own = {key: os.environ[key] for key in ("OPENAI_BASE_URL", "OPENAI_API_KEY")} | {"CHAT_HEARTBEAT_SECONDS": 0.2}
+    return ChainMap(own, DEFAULTS)
+
+
+@functools.cache
+def worker_upstream():
+    return Upstream(upstream_settings())
 
 
 @functools.cache

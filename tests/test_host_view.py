@@ -48,6 +48,19 @@ def test_a_host_view_relays_its_own_sdk_stream(host_view, upstream):
     assert wait_for(lambda: any("reader=sdk-chunks" in line for line in stream_log_lines(host_view)))
 
 
+def test_a_host_view_relays_upstreams_reader_with_heartbeats(host_view, upstream):
+    """upstream.py's Upstream in a host's view: the reply read off the socket, pings in the model's silence."""
+    upstream.reset(tokens=["Hel", "lo"], stall_at=1, stall=1.0)
+    reply = post_chat(host_view.url, {"question": "Hi"}, path="/ask-fast")
+
+    assert reply.status == 200
+    assert reply.text == "Hello"
+    assert reply.raw.count(b": ping\n") >= 3  # a 0.2 s heartbeat in a 1 s silence
+    assert reply.data[-2]["usage"] == {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}
+    assert upstream.received[0].body["stream_options"] == {"include_usage": True}
+    assert wait_for(lambda: any("reader=socket" in line for line in stream_log_lines(host_view)))
+
+
 def test_a_host_views_chat_log_is_redacted_without_the_blueprint(host_view, upstream):
     """The upstream's error quotes the key; the stream's error event is the service's sentence, and the log
     line that records what the upstream said hides the key, though no blueprint installed a filter."""
