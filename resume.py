@@ -60,7 +60,6 @@ BUSY = (429, "too_many_readers", "This stream has as many readers as it may have
 
 # --- Ids: a capability, an owner, a position ----------------------------------------------------------
 
-STREAM_ID = re.compile(r"[A-Za-z0-9_-]{24}")
 EVENT_ID = re.compile(r"([A-Za-z0-9_-]{24})\.(\d{10})")
 ID_LINE = len(b"id: ") + 24 + 1 + 10 + 1  # every id line has this length: a position is known before it is written
 
@@ -126,7 +125,7 @@ HEADER_SIZE = 256
 MAGIC = b"chatlog1"
 RUNNING, DONE = 0, 1
 END = struct.Struct("<Qd")  # length and beat, side by side
-OFFSETS = {"state": 44, "stop": 45, "cap": 48, "length": 56, "beat": 64, "finished_at": 72, "readers": 80, "id": 144}
+OFFSETS = {"state": 44, "stop": 45, "cap": 48, "length": 56, "beat": 64, "finished_at": 72, "readers": 80}
 
 
 class FileLog:
@@ -209,13 +208,7 @@ class FileLog:
 
     def producer_alive(self, lost_after):
         """Tell whether the producer still runs: its process exists and it beat within `lost_after` seconds."""
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:  # another user's process has this pid now: ours is gone
-            return False
-        return time.time() - self.field("beat", "<d") < lost_after
+        return pid_alive(self.pid) and time.time() - self.field("beat", "<d") < lost_after
 
     def claim_reader_slot(self, most):
         """Take one of `most` reader slots (they hold the reader's pid); return its index, or None if all are taken."""
@@ -264,6 +257,7 @@ class FileLock:
 
 
 def pid_alive(pid):
+    """Tell whether process `pid` runs (as this user: another user's with that pid is not ours, reused)."""
     try:
         os.kill(pid, 0)
     except (ProcessLookupError, PermissionError):
