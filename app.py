@@ -18,6 +18,7 @@ Check it: flask --app app doctor https://chat.example.com/      (the whole path 
 """
 
 import contextlib
+import functools
 import hmac
 import json
 import logging
@@ -52,6 +53,7 @@ from protocols import (
     one_of,
     parse_chat_request,
     read_json,
+    require_json,
 )
 from upstream import SOCKET_BUFFER, ClientLeft, StreamTimeout, Upstream, UpstreamError, refusal, uses_demo
 
@@ -160,6 +162,21 @@ def check_settings(config):
             raise SettingError(f"{key} must be {must_be}{shown}.")
     if config["CHAT_MODEL"] not in allowed_models(config):
         raise SettingError(f"CHAT_MODEL={config['CHAT_MODEL']!r} must be one of CHAT_MODELS ({config['CHAT_MODELS']}).")
+    check_origins(comma_list(config["CHAT_CORS_ORIGINS"]))
+
+
+ORIGIN = re.compile(r"https?://[^/?#@\s]+")  # what a browser sends in Origin: scheme, host and port, no path
+
+
+def check_origins(origins):
+    """Raise SettingError for a CORS origin that lets in more than it says, or never matches anything."""
+    for origin in origins:
+        if origin.lower() == "null":  # sandboxed iframes, local files and some redirects: anyone can be one
+            raise SettingError("CHAT_CORS_ORIGINS must not list null: any site can send Origin: null.")
+        if origin == "*" and len(origins) > 1:
+            raise SettingError("CHAT_CORS_ORIGINS must be * (every site, without credentials) or origins, not both.")
+        if origin != "*" and not ORIGIN.fullmatch(origin):
+            raise SettingError(f"CHAT_CORS_ORIGINS must list origins such as https://app.example, not {origin!r}.")
 
 
 # --- The request: check it, open the upstream, relay its reply ----------------------------------
@@ -175,6 +192,7 @@ def chat_reply():
     config = current_app.config
     check_token(config["CHAT_API_TOKEN"])
     if "diagnostic" in request.args:  # `flask doctor`'s stream: at the chat's URL, so it takes the chat's proxy path
+        require_json()  # or any site could open diagnostic streams from its visitors' browsers, with a form
         return diagnostic(config)
     if last_event_id := request.headers.get("Last-Event-ID"):  # a client's retry (fetch-event-source): never paid twice
         named = resume.parse_event_id(last_event_id)
@@ -876,29 +894,58 @@ def error_response(exc):
     headers = getattr(exc, "headers", None) or {}
     if meter := metrics(current_app.config):
         meter.refused_before_stream(exc.code, code)
-    message = redact(exc.description, secrets_of(current_app.config))
+    # An upstream's 400 is passed on in its own words.
+    message = from_outside(exc.description, SHOWN_CHARACTERS, secrets_of(current_app.config))
     if request.path.endswith("/api/ui-chat"):
         return Response(message, exc.code, headers, mimetype="text/plain")
     return jsonify(error={"message": message, "code": code}), exc.code, headers
 
 
+# --- Text from outside (an upstream's errors, a client's values), on its way to a client or the log ---
+
 KEY_LIKE = re.compile(r"\bsk-[A-Za-z0-9_-]{6,}|\b[Bb]earer\s+[A-Za-z0-9._~+/=-]{6,}")
+SHORTEST_PIECE = 8  # a piece of a configured secret this long, at either end of it, is redacted too
+SHOWN_CHARACTERS, LOGGED_CHARACTERS = 500, 300  # of one value from outside, to a client and into the log
+READ_CHARACTERS = 4000  # what lies past this in one value is never shown, so it is not searched either
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # line breaks, ANSI escapes and the like
 
 
 def secrets_of(config):
-    """Return the configured key and token: an app's own, never pooled with another app's."""
+    """Return the configured key and token: an app's own (or a relay's settings'), never pooled with another's."""
     return [value for value in (config.get("OPENAI_API_KEY"), config.get("CHAT_API_TOKEN")) if value]
 
 
+@functools.lru_cache(maxsize=64)
+def pieces_of(secret):
+    """A pattern of the pieces that start or end `secret` (a key cut short, or half echoed)."""
+    shortest = min(len(secret), SHORTEST_PIECE)
+    pieces = {piece for n in range(shortest, len(secret) + 1) for piece in (secret[:n], secret[-n:])}
+    return re.compile("|".join(map(re.escape, sorted(pieces, key=len, reverse=True))))
+
+
 def redact(text, secrets=()):
-    """Hide key-like strings (sk-..., bearer tokens) and `secrets` from a client or a log."""
+    """Hide key-like strings (sk-..., bearer tokens) and `secrets` (secrets_of a config), whole or in pieces."""
     for secret in secrets:
         text = text.replace(secret, "[redacted]")
+        if secret[:SHORTEST_PIECE] in text or secret[-SHORTEST_PIECE:] in text:  # most text has neither end
+            text = pieces_of(secret).sub("[redacted]", text)
     return KEY_LIKE.sub("[redacted]", text)
 
 
+def from_outside(text, limit, secrets=()):
+    """Redact a value that came from outside, then cut it to `limit` characters: the other way round, a
+    key across the cut would go out less its last character."""
+    return redact(text[:READ_CHARACTERS], secrets)[:limit]
+
+
+def one_line(text):
+    """Escape control characters, so that a value cannot start a log line of its own or hide one."""
+    return CONTROL.sub(lambda match: repr(match.group())[1:-1], text)
+
+
 class Redacting(logging.Filter):
-    """Redact every line of the "chat" log: upstream messages end up in it, and they can quote a key.
+    """Keep the "chat" log's lines true: every value in one (upstream text included) is redacted, cut and
+    escaped, so that none can leak a key or forge a line. The lines' wording is the code's own.
 
     The secrets are the line's own (`extra={"secrets": ...}`: the relay logs after its request has
     gone), else those of the app serving the request.
@@ -908,8 +955,17 @@ class Redacting(logging.Filter):
         secrets = getattr(record, "secrets", None)
         if secrets is None:
             secrets = secrets_of(current_app.config) if has_app_context() else ()
-        record.msg, record.args = redact(record.getMessage(), secrets), None
+        if isinstance(record.args, dict):  # log.info("%(name)s", {...})
+            record.args = {name: logged(value, secrets) for name, value in record.args.items()}
+        else:
+            record.args = tuple(logged(value, secrets) for value in record.args or ())
+        record.msg, record.args = one_line(redact(record.getMessage(), secrets)), None
         return True
+
+
+def logged(value, secrets=()):
+    """A log line's value as the line shows it: numbers as they are, anything else as text from outside."""
+    return value if isinstance(value, int | float) else from_outside(str(value), LOGGED_CHARACTERS, secrets)
 
 
 REDACTING = Redacting()
@@ -926,9 +982,11 @@ def chat_wrong_method():
 def allow_listed_origins(response):
     """Allow cross-origin calls from CHAT_CORS_ORIGINS only; none by default, as the page is same-origin."""
     allowed = comma_list(current_app.config["CHAT_CORS_ORIGINS"])
-    if allowed:
-        response.vary.add("Origin")
     origin = request.headers.get("Origin")
+    if allowed == ["*"]:  # every site, and so without credentials: cookies are never sent, bearer tokens still are
+        origin = "*"
+    elif allowed:
+        response.vary.add("Origin")
     if origin in allowed:
         response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Access-Control-Allow-Methods"] = "GET, POST"  # GET: resuming a stream
@@ -937,6 +995,15 @@ def allow_listed_origins(response):
         response.headers["Access-Control-Max-Age"] = "600"
         if not current_app.config["CHAT_API_TOKEN"]:  # the owner cookie binds its streams: let it be sent
             response.headers["Access-Control-Allow-Credentials"] = "true"
+    return response
+
+
+@chat.after_request
+def forbid_sniffing(response):
+    """Every response: read as the type it says, never sniffed (JSON or an upload shown as HTML), and no
+    Referer sent to the sites a reply links to. A host's own values win."""
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Referrer-Policy", "no-referrer")  # nginx.conf sends the same
     return response
 
 
@@ -994,12 +1061,13 @@ def prometheus_metrics():
 @click.option("--silence", default=70.0, type=click.FloatRange(0, 600), help="Seconds of silence to hold (default 70).")
 @click.option("--token", help="The deployment's CHAT_API_TOKEN (default: this app's).")
 @click.option("--cafile", help="CA certificates to trust for TLS, besides the system's (PEM).")
-def doctor(url, silence, token, cafile):
+@click.option("--insecure", is_flag=True, help="Send the token even to a server whose certificate is not trusted.")
+def doctor(url, silence, token, cafile, insecure):
     """Check that a deployment streams: buffering, compression, headers, silences, aborts, HTTP/2, TLS."""
     import operate
 
     token = current_app.config["CHAT_API_TOKEN"] if token is None else token
-    raise SystemExit(operate.doctor(url, silence, token, cafile))
+    raise SystemExit(operate.doctor(url, silence, token, cafile, insecure=insecure))
 
 
 @chat.record_once
@@ -1025,8 +1093,11 @@ def create_app(config=None):
     # The stream log under `flask run`; a no-op under gunicorn, whose logging is set up first.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = Flask(__name__, static_folder=None)  # the blueprint serves static/ at /chat-static
+    # /api//models is a 404, not Werkzeug's redirect to /api/models: it would be built from the Host header.
+    app.url_map.merge_slashes = False
     app.config.update(config or {})
     app.register_blueprint(chat)
+    app.after_request(forbid_sniffing)  # the app's own responses too (a 404 outside the blueprint's URLs)
     worker_state(app).upstream.warm_up()  # the SDK clients now, not on the first request (~50 ms)
     resume_logs(app)  # with CHAT_RESUME_REDIS_URL, importing redis-py would cost the first resume ~100 ms
     return app

@@ -114,14 +114,20 @@ class BodyTimeout(Exception):
     """The request's body took longer than CHAT_BODY_TIMEOUT to arrive."""
 
 
+def require_json():
+    """Refuse a body that is not JSON. A page on another site can POST a form or text/plain here unasked;
+    JSON needs a CORS preflight first, which only CHAT_CORS_ORIGINS pass."""
+    if request.mimetype != "application/json":
+        raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json.")
+
+
 def read_json(config):
     """Return the request's JSON body, or raise ApiError: not JSON, too large, too slow, not UTF-8, too deep.
 
     A body of CHAT_MAX_BODY_BYTES is accepted and one byte more refused, with a Content-Length or
     chunked alike: werkzeug is let read one byte past the limit, so that reading up to it is no refusal.
     """
-    if request.mimetype != "application/json":
-        raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json.")
+    require_json()
     limit = config["CHAT_MAX_BODY_BYTES"]
     request.max_content_length = limit + 1  # a larger Content-Length gets 413 before any byte is read
     # A body that trickles in would hold its connection for good: under gevent, cut it at a total time.
