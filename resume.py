@@ -289,6 +289,8 @@ class FileWriter:
                 event.set()
         if self.followers:
             self.logs.ring_followers(self)
+        if self.file.map[OFFSETS["stop"]] and not self.stopping:  # a stop whose ring was lost (a full bell)
+            self.stop()
         return data
 
     def beat(self):
