@@ -125,7 +125,8 @@ HEADER_SIZE = 256
 MAGIC = b"chatlog1"
 RUNNING, DONE = 0, 1
 END = struct.Struct("<Qd")  # length and beat, side by side
-OFFSETS = {"state": 44, "stop": 45, "cap": 48, "length": 56, "beat": 64, "finished_at": 72, "readers": 80}
+STOP_FLAG = 45  # the offset of the stop flag, read at every write
+OFFSETS = {"state": 44, "stop": STOP_FLAG, "cap": 48, "length": 56, "beat": 64, "finished_at": 72, "readers": 80}
 
 
 class FileLog:
@@ -270,7 +271,7 @@ class FileWriter:
 
     def __init__(self, logs, stream_id, name, file):
         self.logs, self.stream_id, self.name, self.file = logs, stream_id, name, file
-        self.position, self.prefix = 0, f"id: {stream_id}.".encode()
+        self.position, self.prefix, self.cap = 0, f"id: {stream_id}.".encode(), file.cap
         self.stopping = False  # a stop was asked for: the relay ends the reply with finish_reason "stop"
         self.on_stop = None  # called (once) when a stop is asked for: the relay closes its upstream
         self.waiting = []  # events of readers in this worker waiting for more
@@ -281,7 +282,7 @@ class FileWriter:
         """Return `encoded` (complete data events) with their `id:` lines, written to the log."""
         data, self.position = with_ids(self.prefix, self.position, encoded)
         self.file.append(data, self.position - len(data))
-        if self.position > self.file.cap and not self.over_cap:
+        if self.position > self.cap and not self.over_cap:
             self.over_cap = True
             log.warning("stream log %s over CHAT_RESUME_MAX_BYTES: earlier events can no longer be resumed", self.name)
         if self.waiting:
@@ -289,7 +290,7 @@ class FileWriter:
                 event.set()
         if self.followers:
             self.logs.ring_followers(self)
-        if self.file.map[OFFSETS["stop"]] and not self.stopping:  # a stop whose ring was lost (a full bell)
+        if self.file.map[STOP_FLAG] and not self.stopping:  # a stop whose ring was lost (a full bell)
             self.stop()
         return data
 

@@ -160,16 +160,21 @@ class WorkerConnection:
 
 
 def connection_to_another_worker(server, pid, other=True):
-    """Open connections until one lands on a worker other than `pid` (or on it); close the others."""
-    tried = []
-    for n in range(50):
-        connection = WorkerConnection(server, n)
+    """Open connections until one lands on a worker other than `pid` (or on it); close the others.
+
+    A fresh server answers once its first worker is up: the other may take seconds more to boot.
+    """
+    tried, deadline = [], time.monotonic() + 20
+    while time.monotonic() < deadline:
+        connection = WorkerConnection(server, len(tried))
         if (connection.pid != pid) == other:
             for unused in tried:
                 unused.connection.close()
             return connection
         tried.append(connection)
-    pytest.fail("50 connections all landed on one worker")
+        if len(tried) % 10 == 0:
+            time.sleep(0.2)
+    pytest.fail(f"{len(tried)} connections in 20 s all landed on {'one worker' if other else 'the other worker'}")
 
 
 def test_a_reply_cut_on_one_worker_resumes_live_on_the_other(two_workers, upstream):
@@ -548,10 +553,9 @@ def test_a_new_message_in_the_chat_supersedes_its_previous_stream(two_workers, u
     response.read1(65536)
     cookie = cookie_of(dict(response.getheaders()))
     hang_up(connection, response)  # the first reply goes on, unread (CHAT_RESUME_SECONDS)
-    upstream.script.tokens = tokens(3)
-    upstream.script.delay = 0
+    [first_upstream] = upstream.received
+    upstream.reset(tokens=tokens(3))  # a new script for the next request; the first keeps its own
     second = post_chat(two_workers.url, ui_body("chat-d", "second"), headers={"Cookie": cookie}, path="/api/ui-chat")
-    first_upstream = upstream.received[0]
     assert first_upstream.hung_up.wait(2), "the superseded stream's upstream is still open"
     resumed = get(two_workers, "/api/ui-chat/chat-d/stream", {"Cookie": cookie})
 

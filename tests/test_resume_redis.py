@@ -212,9 +212,10 @@ def test_the_ai_sdk_resume_and_supersede_with_redis(one_vm_on_redis, upstream):
     response.read1(65536)
     cookie = cookie_of(dict(response.getheaders()))
     hang_up(connection, response)
-    upstream.script.tokens, upstream.script.delay = tokens(3), 0
+    [first_upstream] = upstream.received
+    upstream.reset(tokens=tokens(3))  # a new script for the next request; the first keeps its own
     second = post_chat(one_vm_on_redis.url, body, headers={"Cookie": cookie}, path="/api/ui-chat")
-    assert upstream.received[0].hung_up.wait(2), "the superseded stream's upstream is still open"
+    assert first_upstream.hung_up.wait(2), "the superseded stream's upstream is still open"
     resumed = get(one_vm_on_redis, "/api/ui-chat/chat-r/stream", {"Cookie": cookie})
     none = get(one_vm_on_redis, "/api/ui-chat/chat-none/stream", {"Cookie": cookie})
 
