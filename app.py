@@ -17,6 +17,7 @@ Relay in your own view: return relay_response(upstream_stream, EventStream(), yo
 Check it: flask --app app doctor https://chat.example.com/      (the whole path to the browser: operate.py)
 """
 
+import contextlib
 import functools
 import hmac
 import json
@@ -34,11 +35,12 @@ from typing import Protocol
 
 import click
 import openai
-from flask import Blueprint, Flask, Response, current_app, has_app_context, jsonify, request
+from flask import Blueprint, Flask, Response, current_app, has_app_context, jsonify, request, url_for
 from gevent.monkey import get_original
 from greenlet import GreenletExit  # how gevent stops a stream that outlives the worker's graceful_timeout
 from werkzeug.exceptions import HTTPException
 
+import resume
 from protocols import (
     REQUEST_ID,
     ApiError,
@@ -88,6 +90,13 @@ DEFAULTS = {
     "CHAT_MAX_TOKENS_FIELD": "auto",  # max_tokens or max_completion_tokens; auto: the latter for OpenAI only
     "CHAT_EXTRA_BODY": "",  # a JSON object merged into every upstream request, e.g. {"chat_template_kwargs": ...}
     "CHAT_METRICS": "",  # 1: count streams for Prometheus at /metrics (operate.py); unset or 0: nothing is loaded
+    "CHAT_RESUME_SECONDS": 60.0,  # a reply goes on this long with no reader, for one to come back (0: ends at once)
+    "CHAT_RESUME_KEEP_SECONDS": 300.0,  # a finished reply can be read again this long
+    "CHAT_RESUME_MAX_BYTES": 2_097_152,  # a stream's log keeps its last this many bytes; a resume before them gets 409
+    "CHAT_RESUME_WORKER_BYTES": 268_435_456,  # one worker's logs; past it the finished ones go first, oldest first
+    "CHAT_RESUME_READERS": 4,  # readers one stream may have at once, besides the one that asked for it
+    "CHAT_RESUME_DIR": "",  # the logs shared by one VM's workers (gunicorn.conf.py sets it); empty: this process's
+    "CHAT_RESUME_REDIS_URL": "",  # redis://host:6379/0: the logs in Redis, shared by several VMs
 }
 
 
@@ -121,6 +130,15 @@ SETTING_RULES = {  # setting: (check, what it must be); checked when the bluepri
     "CHAT_MAX_TOKENS_FIELD": one_of("auto", "max_tokens", "max_completion_tokens"),
     "CHAT_EXTRA_BODY": (json_object, "a JSON object"),
     "CHAT_METRICS": (lambda v: v in ("", "0", "1"), "1 (on), or 0 or unset (off)"),
+    "CHAT_RESUME_SECONDS": WAIT,
+    "CHAT_RESUME_KEEP_SECONDS": SECONDS,
+    "CHAT_RESUME_MAX_BYTES": (in_range(4096, 2**32, kind=int), "an integer from 4096 to 4294967296"),
+    "CHAT_RESUME_WORKER_BYTES": (in_range(4096, math.inf, kind=int), "an integer of at least 4096"),
+    "CHAT_RESUME_READERS": (in_range(1, resume.MAX_READERS, kind=int), f"an integer from 1 to {resume.MAX_READERS}"),
+    "CHAT_RESUME_REDIS_URL": (
+        lambda v: v == "" or v.startswith(("redis://", "rediss://", "unix://")),
+        "a redis:// URL",
+    ),
 }
 
 
@@ -176,6 +194,9 @@ def chat_reply():
     if "diagnostic" in request.args:  # `flask doctor`'s stream: at the chat's URL, so it takes the chat's proxy path
         require_json()  # or any site could open diagnostic streams from its visitors' browsers, with a form
         return diagnostic(config)
+    if last_event_id := request.headers.get("Last-Event-ID"):  # a client's retry (fetch-event-source): never paid twice
+        named = resume.parse_event_id(last_event_id)
+        return resume_reply(named[0] if named else "-", last_event_id)
     model, messages, params = parse_chat_request(config, read_json(config))
     return open_reply(config, model, messages, params, EventStream())
 
@@ -185,11 +206,12 @@ def ui_chat():
     """The same chat for the AI SDK's useChat: its request body in, its UI message stream out."""
     config = current_app.config
     check_token(config["CHAT_API_TOKEN"])
-    model, messages, params = parse_chat_request(config, native_body(read_json(config)))
-    return open_reply(config, model, messages, params, UIMessageStream())
+    body = read_json(config)
+    model, messages, params = parse_chat_request(config, native_body(body))
+    return open_reply(config, model, messages, params, UIMessageStream(), chat_id=body.get("id"))
 
 
-def open_reply(config, model, messages, params, encoder):
+def open_reply(config, model, messages, params, encoder, chat_id=None):
     """Take one of the worker's stream slots, open the upstream, and return the Response that relays it."""
     worker = worker_state(current_app)
     if not worker.slots.acquire():
@@ -207,10 +229,23 @@ def open_reply(config, model, messages, params, encoder):
     except BaseException:
         worker.slots.release()  # any other failure (a bug, a worker stopping) must not keep the slot either
         raise
+    owner, new_secret = owner_of_new_stream()
+    stream_log = resume_logs(current_app).create(owner, resume.chat_key(owner, chat_id) if chat_id else None)
+    if stream_log is None and (meter := metrics(config)):
+        meter.unresumable()  # its log's store failed (Redis down, a full disk) or its budget is spent
     response = relay_response(
-        upstream, encoder, config, model=model, watcher=metrics(config), requested_at=requested_at
+        upstream,
+        encoder,
+        config,
+        model=model,
+        watcher=metrics(config),
+        requested_at=requested_at,
+        stream_log=stream_log,
     )
-    response.call_on_close(worker.slots.release)  # called by the server however the response ends
+    # Called by the server however the response ends, once the stream's generation has ended too.
+    response.call_on_close(worker.slots.release)
+    if new_secret:
+        set_owner_cookie(response, new_secret)
     return response
 
 
@@ -292,23 +327,32 @@ class Watcher(Protocol):
         "content" and "reasoning" to the seconds from the request to its first delta."""
 
 
-def relay_response(upstream, encoder, config=None, *, model="-", watcher=None, requested_at=None):
+def relay_response(upstream, encoder, config=None, *, model="-", watcher=None, requested_at=None, stream_log=None):
     """Return the Response that relays `upstream` to this request's browser, framed by `encoder`.
 
     The relay's one door, for the blueprint's views and a host's own alike. `config` is an app's
     config or any mapping (None: current_app's); a setting it lacks takes its DEFAULTS value.
     `model` names the stream in its log line, `watcher` hears it open and end, and `requested_at`
     (time.monotonic(), default now) is when the request came: the first output's deadline counts from it.
+    `stream_log` (resume.py's writer of the stream's log, or None) makes the reply resumable: every event
+    gets its `id:` and goes to the log too, and a reader that leaves does not end the reply at once.
     """
     settings = ChainMap(current_app.config if config is None else config, DEFAULTS)
     log.addFilter(REDACTING)  # once; and so the chat log is redacted with no blueprint registered too
     record = StreamRecord(request_id(), model, requested_at or time.monotonic(), watcher, secrets_of(settings))
-    reply = Reply(upstream, encoder, settings, record)
+    reply = Reply(upstream, encoder, settings, record, stream_log)
+    response = stream_response(relay(reply, BrowserSocket.of_request(settings)), encoder, record.stream_id)
+    if stream_log is not None:
+        response.headers["X-Stream-Id"] = stream_log.stream_id
+    return response
+
+
+def stream_response(blocks, encoder, request_id):
+    """Return the Response that streams `blocks`, with the headers every stream has."""
     return Response(
-        relay(reply, BrowserSocket.of_request(settings)),
+        blocks,
         # No "Connection: keep-alive": it is hop-by-hop, gunicorn drops it and HTTP/2 forbids it.
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": record.stream_id}
-        | encoder.headers,
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": request_id} | encoder.headers,
         content_type=encoder.media_type,  # text/event-stream is UTF-8 by definition: no charset needed
     )
 
@@ -355,7 +399,7 @@ class Reply:
     or hidden.
     """
 
-    def __init__(self, upstream, encoder, settings, record):
+    def __init__(self, upstream, encoder, settings, record, stream_log=None):
         self.upstream, self.encoder, self.record = upstream, encoder, record
         self.heartbeat = settings["CHAT_HEARTBEAT_SECONDS"]
         self.idle = settings["CHAT_IDLE_TIMEOUT"]
@@ -364,15 +408,38 @@ class Reply:
         self.shown = ("content", "reasoning") if settings["CHAT_REASONING"] == "show" else ("content",)
         self.over = False  # the last block (the end, or an error) has been given
         self.code, self.deadline = self.nearest_deadline(None)
+        self.stream_log, self.unread_for = stream_log, settings["CHAT_RESUME_SECONDS"]  # resume.py's writer, or None
+        self.retry = resume.RETRY if stream_log else b""  # sent once, in the first event's block
+        if stream_log is not None:
+            stream_log.on_stop = upstream.close  # a stop asked for, in any greenlet, closes the upstream at once
 
     def opened(self):
         self.record.opened()
-        return self.encoder.opened()
+        block = self.encoder.opened()
+        return block if block.startswith(b":") else self.logged(block)  # a comment, or an event (the AI SDK's start)
 
     def read(self, until):
         """Return the next block, or None if nothing came by `until` (a time.monotonic()): a heartbeat is due."""
+        block = self.next_block(until)
+        if block is None and self.stream_log is not None:
+            self.stream_log.beat()  # a silence: readers elsewhere must not take the producer for dead
+        return block if block is None else self.logged(block)
+
+    def logged(self, block):
+        """Return `block` as a response sends it: with its ids, written to the log (once per read), `retry:` once."""
+        if self.stream_log is None:
+            return block
+        block = self.stream_log.add(block)
+        if self.over:
+            self.stream_log.finish()
+        retry, self.retry = self.retry, b""
+        return retry + block
+
+    def next_block(self, until):
         try:
             while not self.upstream.finished:
+                if self.stream_log is not None and self.stream_log.stopping:
+                    return self.stopped()
                 deltas = self.upstream.read(min(until, self.deadline) - time.monotonic())
                 now = time.monotonic()
                 if deltas:
@@ -388,8 +455,16 @@ class Reply:
             self.over, self.deadline = True, None
             return self.encoder.end(self.upstream.finish_reason, self.upstream.usage)
         except Exception as exc:  # never BaseException: GeneratorExit and GreenletExit must pass
+            if self.stream_log is not None and self.stream_log.stopping:  # the stop closed the upstream under the read
+                return self.stopped()
             self.over = True
             return self.encoder.error(*self.record.failed(exc))
+
+    def stopped(self):
+        """Return the end of a reply stopped on request: every reader sees finish_reason "stop" and [DONE]."""
+        self.over = True
+        self.record.end("stopped")
+        return self.encoder.end("stop", self.upstream.usage)
 
     def nearest_deadline(self, last_output):
         """Return (code, time.monotonic()) of the deadline that comes first: first output or idle, or the total."""
@@ -404,13 +479,48 @@ class Reply:
         """Return the error event for a worker that is stopping."""
         self.over = True
         self.record.end("shutdown", "server_shutdown")
-        return self.encoder.error("server_shutdown", "The server is restarting. Please send your message again.")
+        return self.logged(
+            self.encoder.error("server_shutdown", "The server is restarting. Please send your message again.")
+        )
 
     def close(self, outcome):
-        """Close the upstream and log how the stream ended: `outcome`, unless the stream already said."""
+        """Close the upstream and log how the stream ended: `outcome`, unless the stream already said.
+
+        A resumable reply whose reader left first goes on without one (go_on_unread). Its log always
+        ends with an event, so that a reader that comes back later sees how it ended.
+        """
+        left = self.record.outcome or outcome
+        if self.stream_log is not None and not self.over:
+            if self.unread_for > 0 and left in ("client_gone", "client_stalled"):
+                self.record.outcome = None
+                self.go_on_unread(left)
+            if not self.over:
+                self.over = True
+                self.logged(self.encoder.error("abandoned", "The reply was stopped: nobody was reading it."))
         self.upstream.close()
         self.record.end(outcome)
         self.record.ended(self.upstream)
+
+    def go_on_unread(self, left):
+        """Generate on into the log alone, while a reader may come back: CHAT_RESUME_SECONDS with none attached.
+
+        This runs in the stream's own greenlet, after gunicorn closed its response: a worker told to
+        stop waits for it as for any request (graceful_timeout), then ends it the same way (GreenletExit).
+        The stream's slot is still taken: the server releases it once this returns.
+        """
+        unread_since = time.monotonic()
+        try:
+            while not self.over:
+                now = time.monotonic()
+                if self.stream_log.readers():
+                    unread_since = now
+                elif now >= unread_since + self.unread_for:
+                    self.record.end(left)  # nobody came back: the reply ends as it would have at once
+                    return
+                self.read(until=min(now + self.heartbeat, unread_since + self.unread_for))
+            self.record.end("done")
+        except GreenletExit:
+            self.shut_down()
 
 
 class StreamRecord:
@@ -477,6 +587,174 @@ class StreamRecord:
 
 def seconds(value):
     return "-" if value is None else f"{value:.3f}s"
+
+
+# --- Resuming: a stream read again from its log -------------------------------------------------------
+#
+# A resumable reply's events are written to its log (resume.py) as they are sent. A reader that
+# comes back names the stream (its id is a capability: 144 random bits) and the last event it has;
+# it must also be the stream's owner: the same CHAT_API_TOKEN, or else the cookie the POST set.
+# Anything else is the same 404, so that a guess learns nothing.
+
+OWNER_COOKIE = "chat_owner"
+OWNER_SECRET = re.compile(r"[A-Za-z0-9_-]{32}")
+
+
+@chat.get("/api/chat/<stream_id>")
+def chat_resume(stream_id):
+    """Read a stream again after its event `Last-Event-ID` (or `?after=`), or from its start."""
+    check_token(current_app.config["CHAT_API_TOKEN"])
+    return resume_reply(stream_id, request.headers.get("Last-Event-ID") or request.args.get("after"))
+
+
+@chat.post("/api/chat/<stream_id>/stop")
+def chat_stop(stream_id):
+    """Stop a stream's generation now (the page's Stop): its log ends with finish_reason "stop"; 204 however often."""
+    check_token(current_app.config["CHAT_API_TOKEN"])
+    with refusals():
+        resume_logs(current_app).stop(stream_id, stream_owner())
+    return "", 204
+
+
+@chat.get("/api/ui-chat/<chat_id>/stream")
+def ui_chat_resume(chat_id):
+    """The AI SDK's resume (useChat's `resume: true`): the chat's latest stream from its start, or 204 if none."""
+    check_token(current_app.config["CHAT_API_TOKEN"])
+    logs, owner = resume_logs(current_app), stream_owner()
+    name = logs.pointed(resume.chat_key(owner, chat_id))
+    try:
+        reader = logs.open_named(name, owner, 0) if name else None
+    except resume.LogRefusal as refusal:
+        if refusal.status != 404:
+            raise ApiError(refusal.status, refusal.code, str(refusal)) from None
+        reader = None
+    return replay_response(reader, UIMessageStream()) if reader else Response(status=204)
+
+
+@chat.post("/api/ui-chat/<chat_id>/stop")
+def ui_chat_stop(chat_id):
+    """Stop the chat's latest stream: the AI SDK's stop() only aborts its fetch, which a resumable reply outlives."""
+    check_token(current_app.config["CHAT_API_TOKEN"])
+    logs, owner = resume_logs(current_app), stream_owner()
+    name = logs.pointed(resume.chat_key(owner, chat_id))
+    if name is None:
+        raise ApiError(*resume.NOT_FOUND)
+    with refusals():
+        logs.stop_named(name, owner)
+    return "", 204
+
+
+def resume_reply(stream_id, last_event_id):
+    """Return the response that reads `stream_id` again after `last_event_id` (None: from its start)."""
+    position = 0
+    if last_event_id:
+        named = resume.parse_event_id(last_event_id)
+        if named is None or named[0] != stream_id:
+            raise ApiError(*resume.NOT_FOUND)
+        position = named[1]
+    with refusals():
+        reader = resume_logs(current_app).open(stream_id, stream_owner(), position)
+    return replay_response(reader, EventStream())
+
+
+def replay_response(reader, encoder):
+    """Return the Response that sends what `reader` reads; a slot of the worker's is taken while it does."""
+    slots = worker_state(current_app).slots
+    if not slots.acquire():
+        reader.close()
+        raise ApiError(503, "too_many_streams", "The server is busy. Please try again shortly.", {"Retry-After": "5"})
+    settings = ChainMap(current_app.config, DEFAULTS)
+    browser = BrowserSocket.of_request(settings)
+    response = stream_response(
+        replay(reader, encoder, browser, settings["CHAT_HEARTBEAT_SECONDS"]), encoder, request_id()
+    )
+    response.headers["X-Stream-Id"] = reader.stream_id
+    response.call_on_close(slots.release)
+    return response
+
+
+def replay(reader, encoder, browser, heartbeat):
+    """Yield a log from the reader's cursor, then live as it grows, to its end; a heartbeat in each silence.
+
+    The bytes are the log's, so a reader gets exactly what the first one did, ids included; only
+    `retry:` (once) and the heartbeats are this response's own.
+    """
+    retry = resume.RETRY
+    try:
+        yield b": ok\n"
+        while not reader.finished:
+            data = reader.read(browser.last_write + heartbeat - time.monotonic())
+            if reader.lost:  # its producer died (kill -9, out of memory): say so rather than wait for ever
+                lost = encoder.error("stream_lost", "The reply was lost. Please send your message again.")
+                yield from browser.send(retry + reader.last_id_line() + lost)
+                return
+            if data:
+                yield from browser.send(retry + data)
+                retry = b""
+            elif time.monotonic() >= browser.last_write + heartbeat and not reader.finished:
+                if browser.has_left():
+                    return
+                yield from browser.send(encoder.ping())
+    except resume.LogRefusal as refusal:  # it fell more than CHAT_RESUME_MAX_BYTES behind the producer
+        yield from browser.send(retry + reader.last_id_line() + encoder.error(refusal.code, str(refusal)))
+    except ClientStalled:
+        browser.hang_up()
+    finally:
+        reader.close()
+
+
+def stream_owner():
+    """Return who asks, as a log keeps its owner: the API token's hash, else the owner cookie's (NOBODY without)."""
+    token = current_app.config["CHAT_API_TOKEN"]
+    secret = token or request.cookies.get(OWNER_COOKIE, "")
+    return resume.owner_key(secret) if token or OWNER_SECRET.fullmatch(secret) else NOBODY
+
+
+NOBODY = bytes(32)  # the owner of no stream: a request without the cookie gets the same 404 as any other
+
+
+def owner_of_new_stream():
+    """Return (owner, a new cookie secret to set, or None): a browser without the cookie gets one now."""
+    owner = stream_owner()
+    if owner != NOBODY:
+        return owner, None
+    secret = resume.new_owner()
+    return resume.owner_key(secret), secret
+
+
+def set_owner_cookie(response, secret):
+    """Bind this browser's streams to it: only it sends the cookie back (HttpOnly: no script reads it)."""
+    path = url_for("chat.chat_reply").rsplit("/", 1)[0]  # /api, or /assistant/api where the blueprint is mounted
+    response.set_cookie(
+        OWNER_COOKIE, secret, max_age=365 * 86400, path=path, httponly=True, samesite="Lax", secure=request.is_secure
+    )
+
+
+@contextlib.contextmanager
+def refusals():
+    """Turn the log's refusals (404, 409, 429) into the one JSON error."""
+    try:
+        yield
+    except resume.LogRefusal as refusal:
+        headers = {"Retry-After": "5"} if refusal.status == 429 else None
+        raise ApiError(refusal.status, refusal.code, str(refusal), headers) from None
+
+
+def resume_logs(app):
+    """Return the worker's stream logs for `app`, made on first use, after gunicorn forked the worker.
+
+    With CHAT_RESUME_REDIS_URL they are in Redis, for several VMs. Else in CHAT_RESUME_DIR, which
+    gunicorn.conf.py makes for all of the master's workers; without it (flask run, one process) in a
+    directory of this process's own.
+    """
+    if "chat.resume" not in app.extensions:
+        settings = ChainMap(app.config, DEFAULTS)
+        if settings["CHAT_RESUME_REDIS_URL"]:
+            logs = resume.RedisLogs(settings["CHAT_RESUME_REDIS_URL"], settings)
+        else:
+            logs = resume.FileLogs(settings["CHAT_RESUME_DIR"], settings)
+        app.extensions["chat.resume"] = logs
+    return app.extensions["chat.resume"]
 
 
 # --- The browser's end: has it left, will it take bytes --------------------------------------------
@@ -711,10 +989,12 @@ def allow_listed_origins(response):
         response.vary.add("Origin")
     if origin in allowed:
         response.headers["Access-Control-Allow-Origin"] = origin
-        response.headers["Access-Control-Allow-Methods"] = "POST"
-        response.headers["Access-Control-Allow-Headers"] = "Content-Type, Authorization"
-        response.headers["Access-Control-Expose-Headers"] = "Retry-After, X-Request-Id"
+        response.headers["Access-Control-Allow-Methods"] = "GET, POST"  # GET: resuming a stream
+        response.headers["Access-Control-Allow-Headers"] = "Content-Type, Authorization, Last-Event-ID"
+        response.headers["Access-Control-Expose-Headers"] = "Retry-After, X-Request-Id, X-Stream-Id"
         response.headers["Access-Control-Max-Age"] = "600"
+        if origin != "*" and not current_app.config["CHAT_API_TOKEN"]:  # the owner cookie binds streams: send it
+            response.headers["Access-Control-Allow-Credentials"] = "true"
     return response
 
 
@@ -819,4 +1099,5 @@ def create_app(config=None):
     app.register_blueprint(chat)
     app.after_request(forbid_sniffing)  # the app's own responses too (a 404 outside the blueprint's URLs)
     worker_state(app).upstream.warm_up()  # the SDK clients now, not on the first request (~50 ms)
+    resume_logs(app)  # with CHAT_RESUME_REDIS_URL, importing redis-py would cost the first resume ~100 ms
     return app

@@ -101,6 +101,12 @@ class Metrics:
             ["status", "code"],
             registry=registry,
         )
+        self.unresumable_streams = Counter(
+            "chat_streams_unresumable",
+            "Streams sent without a log, so with no resume: its store failed (Redis down, a full disk) or the"
+            " worker's CHAT_RESUME_WORKER_BYTES was spent.",
+            registry=registry,
+        )
         self.errors = Counter(
             "chat_request_errors",
             "Requests answered with a JSON error before any stream, by status and code.",
@@ -130,6 +136,9 @@ class Metrics:
 
     def upstream_refused(self, status, code):
         self.refusals.labels(str(status), code).inc()
+
+    def unresumable(self):
+        self.unresumable_streams.inc()
 
     def refused_before_stream(self, status, code):
         self.errors.labels(str(status), code).inc()

@@ -78,7 +78,7 @@ def test_client_gone_while_tokens_flow_closes_the_upstream(fast_gunicorn, upstre
 
 @pytest.fixture
 def one_second_heartbeat_gunicorn(start_gunicorn):
-    return start_gunicorn({"CHAT_HEARTBEAT_SECONDS": "1"}, name="heartbeat1")
+    return start_gunicorn({"CHAT_HEARTBEAT_SECONDS": "1", "CHAT_RESUME_SECONDS": "0"}, name="heartbeat1")
 
 
 def test_client_gone_during_a_silence_closes_the_upstream_within_a_heartbeat(one_second_heartbeat_gunicorn, upstream):

@@ -115,7 +115,8 @@ def with_tls(port, cert, key):
 BUFFERED_AND_GZIPPED = [  # nginx's defaults in the location, and gzip for text/event-stream
     with_directive("gzip_types text/css", "gzip_types text/event-stream text/css"),
     with_directive(
-        "location ~ ^/api/(ui-)?chat$ {", "location ~ ^/api/(ui-)?chat$ {\n proxy_ignore_headers X-Accel-Buffering;"
+        "location ~ ^/api/(ui-)?chat(/|$) {",
+        "location ~ ^/api/(ui-)?chat(/|$) {\n proxy_ignore_headers X-Accel-Buffering;",
     ),
     with_directive("proxy_buffering off;", "proxy_buffering on;"),
     with_directive("            gzip off;", "            gzip on;"),
