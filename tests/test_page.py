@@ -142,6 +142,21 @@ def test_stop_keeps_the_partial_reply_and_hangs_up_upstream(chat_page, upstream)
     expect(chat_page.get_by_role("button", name="Send")).to_be_visible()
 
 
+def test_stop_before_the_reply_started_waits_for_it_then_stops_it(chat_page, upstream):
+    """Pressed while the service waits for the model, Stop cannot name the reply yet: it says so,
+    and stops the reply as soon as the service answers (only aborting would leave it going)."""
+    upstream.reset(tokens=[f"w{i} " for i in range(50)], stall_headers=1.5, delay=0.1)
+    say(chat_page, "Go on")
+    with chat_page.expect_request("**/api/chat/*/stop", timeout=10_000):
+        chat_page.get_by_role("button", name="Stop").click()
+        expect(reply_note(chat_page)).to_have_text("Stopping…")
+
+    expect(reply_note(chat_page)).to_have_text(re.compile(r"^Stopped"))
+    assert upstream.received[0].hung_up.wait(5), "the server did not close its upstream request"
+    assert len(upstream.received[0].sent) < 5
+    expect(chat_page.get_by_label("Message")).to_be_enabled()
+
+
 def test_escape_stops_a_reply_and_gives_the_keyboard_back_to_the_box(chat_page, upstream):
     upstream.reset(tokens=[f"w{i} " for i in range(50)], delay=0.1)
     say(chat_page, "Go on")
