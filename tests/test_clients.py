@@ -9,6 +9,8 @@ tests/clients/ prints what its client rebuilt as JSON.
 import json
 import re
 import select
+import shlex
+import shutil
 import subprocess
 import time
 from contextlib import contextmanager
@@ -18,7 +20,7 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 
-from live_servers import ROOT, Gunicorns, wait_for
+from live_servers import ROOT, Gunicorns, unavailable, wait_for
 from tcp_proxy import TcpProxy
 
 CLIENTS = Path(__file__).with_name("clients")
@@ -434,3 +436,41 @@ def test_the_readmes_cookie_keeping_fetch_is_the_one_the_node_clients_use():
     function = re.search(r"^export (async function fetchKeepingCookies.*?^\}\n)", used, re.M | re.S)
     assert function, "keep_cookies.mjs has no fetchKeepingCookies"
     assert "let cookie = '';\n" + function.group(1) == readme_snippet("fetchKeepingCookies")
+
+
+def readme_commands(containing, url):
+    """The README's shell block that contains `containing`, one command a line, pointed at `url`."""
+    blocks = re.findall(r"```sh\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    [block] = [block for block in blocks if containing in block]
+    lines = block.replace("\\\n", " ").replace("http://127.0.0.1:8000", url).splitlines()
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def test_the_readmes_curl_commands_resume_and_stop_with_the_cookie_jar(gunicorn, upstream, tmp_path):
+    """Start a reply with curl, cut it, get the rest with Last-Event-ID and the jar's cookie, stop it."""
+    if shutil.which("curl") is None:
+        unavailable("curl is not installed (.ci/run installs it)")
+    start, rest, stop = readme_commands("-c jar", gunicorn.url)
+    tokens = [f"t{i} " for i in range(20)]
+    upstream.reset(tokens=tokens, delay=0.1)
+
+    first = subprocess.run(shlex.split(start), cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert first.returncode == 28, first.stderr  # curl's "operation timed out": the --max-time cut
+    head, body = first.stdout.split("\n\n", 1)  # text mode: \r\n reads as \n
+    [stream_id] = re.findall(r"(?im)^x-stream-id: (\S+)", head)
+    events = [dict(line.split(": ", 1) for line in block.splitlines() if ": " in line) for block in body.split("\n\n")]
+    events = events[:-1]  # what follows the last blank line is an event cut in half: not shown, as in any client
+    shown = "".join(json.loads(event["data"])["content"] for event in events)
+    event_id = events[-1]["id"]
+    assert 0 < len(shown) < len("".join(tokens))
+
+    def filled(command):
+        return shlex.split(command.replace("<event id>", event_id).replace("<stream id>", stream_id))
+
+    resumed = subprocess.run(filled(rest), cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    data = [line[6:] for line in resumed.stdout.splitlines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    assert shown + "".join(json.loads(event)["content"] for event in data[:-1]) == "".join(tokens)
+    stopped = subprocess.run(filled(stop) + ["-s", "-w", "%{http_code}"], cwd=tmp_path, capture_output=True, text=True)
+    assert stopped.stdout == "204"  # a finished reply: stopping it again is no error
+    assert len(upstream.received) == 1
