@@ -962,6 +962,25 @@ def test_nginx_serves_the_page_with_the_apps_csp_and_it_chats_through_nginx(page
     assert page.evaluate("window.violations") == []
 
 
+def test_a_reload_through_nginx_resumes_the_reply_and_stop_stops_it(page_nginx, page, upstream):
+    """The shipped nginx.conf passes the resume (GET api/chat/<id>) and the stop through, unbuffered."""
+    upstream.reset(tokens=COUNTING, delay=0.05)
+    page.goto(page_nginx.url + "/")
+    say(page, "Count")
+    expect(reply_text(page)).to_contain_text("w05")
+
+    page.reload()
+
+    expect(reply_note(page)).to_have_text("14 tokens: 9 prompt, 5 reply.", timeout=20_000)
+    assert kept_answer(page) == "".join(COUNTING)
+    upstream.reset(tokens=COUNTING, delay=0.05)
+    say(page, "Again")
+    expect(reply_text(page)).to_contain_text("w02")
+    page.get_by_role("button", name="Stop").click()
+    expect(reply_note(page)).to_have_text("Stopped.")
+    assert upstream.received[0].hung_up.wait(5), "the stop did not reach the server through nginx"
+
+
 # --- Accessibility --------------------------------------------------------------------------------
 
 
