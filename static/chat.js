@@ -36,6 +36,9 @@ const ENTITIES = { amp: "&", lt: "<", gt: ">", quot: '"', apos: "'", nbsp: "\u00
 // Bidirectional embeddings, overrides, isolates and marks: in a link's text, U+202E makes
 // "elpmaxe.knab//:sptth" read "https://bank.example". Taken out of link text.
 const BIDI_CONTROLS = /[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
+// An event the page could not show, the server's fault (bad JSON) or the page's own: not the
+// network's, so it ends the reply instead of reconnecting.
+class NotShown extends Error {}
 
 // The conversation, sent whole with every request (the server keeps nothing between requests).
 // A turn is {question, answer, reasoning, thought, state, note}; it joins once the model has said
@@ -141,7 +144,11 @@ async function streamReply(turn, open, signal) {
       if (outcome) return outcome;
     } catch (error) {
       if (signal.aborted) return finishStopped(turn);
-      if (error instanceof SyntaxError) return finishFailed(turn, "The server sent something this page cannot read.");
+      if (error instanceof NotShown) {
+        console.error(error.cause);
+        const unreadable = error.cause instanceof SyntaxError;
+        return finishFailed(turn, unreadable ? "The server sent something this page cannot read." : "The page could not show the reply.");
+      }
       // Anything else is the network: the reply goes on without us, and can be fetched again.
     }
     if (lostAt === null || turn.stream?.last !== shown) [misses, lostAt] = [0, Date.now()]; // a new cut
@@ -181,7 +188,12 @@ async function readReply(turn, response) {
   }
   setState(turn, "streaming", "");
   for await (const { id, data } of readEvents(response.body)) {
-    const outcome = showEvent(turn, data);
+    let outcome;
+    try {
+      outcome = showEvent(turn, data);
+    } catch (error) {
+      throw new NotShown("An event was not shown", { cause: error }); // ours, not the network's: no reconnecting
+    }
     turn.stream.last = id;
     saveSoon();
     if (outcome) return outcome;
@@ -588,13 +600,13 @@ function thoughtFor(seconds) {
 
 /** Mark a reply finished: its state (styles and tests read it) and a short note under it. */
 function finish(turn, state, note) {
+  turn.state = state;
+  turn.note = note;
+  setState(turn, state, note);
   stopThinking(turn, Boolean(turn.answer));
   cancelAnimationFrame(turn.view.frame);
   turn.view.frame = 0;
   followTheEnd(() => renderMarkdown(turn.view, turn.answer)); // what is still waiting for a frame
-  turn.state = state;
-  turn.note = note;
-  setState(turn, state, note);
 }
 
 function setState(turn, state, note) {

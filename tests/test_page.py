@@ -610,6 +610,7 @@ def test_whatever_a_render_throws_the_end_of_a_stream_gives_the_controls_back(br
 
     expect(page.get_by_role("button", name="Send")).to_be_visible()
     expect(page.get_by_label("Message")).to_be_enabled()
+    expect(reply_note(page)).to_have_text("The page could not show the reply.")  # not "Reconnecting…"
     page.get_by_role("button", name="New chat").click()
     expect(page.locator("#conversation .message")).to_have_count(0)
     context.close()
