@@ -808,6 +808,21 @@ def test_http_errors_are_shown_in_words(chat_page, status, code, server_says, re
     assert reply(chat_page).get_attribute("data-state") == "error"
 
 
+def test_an_event_that_is_not_json_ends_the_reply_without_reconnecting(chat_page):
+    """Something between the page and the service sent a stream of its own: said once, with Retry."""
+    stream = 'id: s.1\ndata: {"content": "Hel"}\n\nid: s.2\ndata: {not json}\n\n'
+    headers = {"X-Stream-Id": "s"}
+    chat_page.route(
+        "**/api/chat",
+        lambda route: route.fulfill(status=200, headers=headers, body=stream, content_type="text/event-stream"),
+    )
+    say(chat_page, "Hi")
+
+    expect(reply_note(chat_page)).to_have_text("The server sent something this page cannot read.")
+    expect(reply_text(chat_page)).to_have_text("Hel")
+    expect(chat_page.get_by_role("button", name="Retry")).to_be_focused()
+
+
 @pytest.fixture
 def token_gunicorn(start_gunicorn):
     """gunicorn whose /api/chat wants `Authorization: Bearer s3cret` (CHAT_API_TOKEN)."""
