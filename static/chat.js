@@ -1,5 +1,6 @@
 // The chat page: keeps the conversation, posts it to api/chat and shows the reply as it streams,
-// as markdown. A plain script, no build step. marked (loaded before it) only splits the markdown
+// as markdown; after a cut or a reload it fetches the rest of the same reply by its last event id.
+// A plain script, no build step. marked (loaded before it) only splits the markdown
 // into tokens; this file builds the elements from them, so the model's text never goes through an
 // HTML parser. Its top-level functions are globals on purpose: the browser tests call readEvents().
 "use strict";
