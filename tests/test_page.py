@@ -526,21 +526,30 @@ def test_a_cut_mid_reply_reconnects_and_the_reply_comes_whole(cut_page, upstream
     expect(page.get_by_label("Message")).to_be_focused()
 
 
-def test_a_reload_mid_reply_resumes_the_reply(chat_page, upstream):
+def reload_mid_reply(page, upstream, url, while_streaming=lambda: None):
+    """Ask at `url`, reload mid-reply; check (and `while_streaming()`) that the page goes on with it to the end."""
     upstream.reset(tokens=COUNTING, delay=0.05)
-    say(chat_page, "Count")
-    expect(reply_text(chat_page)).to_contain_text("w05")
+    page.goto(url)
+    say(page, "Count")
+    expect(reply_text(page)).to_contain_text("w05")
 
-    chat_page.reload()
+    page.reload()
 
-    expect(questions(chat_page)).to_have_text(["Count"])
-    expect(chat_page.get_by_role("button", name="Stop")).to_be_visible()  # still streaming
-    expect(reply_note(chat_page)).to_have_text("14 tokens: 9 prompt, 5 reply.", timeout=20_000)
-    assert kept_answer(chat_page) == "".join(COUNTING)
-    assert len(upstream.received) == 1
-    chat_page.reload()  # and now it is kept like any other reply
-    expect(reply_text(chat_page)).to_have_text("".join(COUNTING))
-    expect(chat_page.get_by_role("button", name="Send")).to_be_visible()
+    while_streaming()
+    expect(reply_note(page)).to_have_text("14 tokens: 9 prompt, 5 reply.", timeout=20_000)
+    assert kept_answer(page) == "".join(COUNTING)  # not a character twice, none missing
+    assert len(upstream.received) == 1  # the model was asked once
+
+
+def test_a_reload_mid_reply_resumes_the_reply(page, gunicorn, upstream):
+    def still_streaming():
+        expect(questions(page)).to_have_text(["Count"])
+        expect(page.get_by_role("button", name="Stop")).to_be_visible()
+
+    reload_mid_reply(page, upstream, gunicorn.url + "/", still_streaming)
+    page.reload()  # and now it is kept like any other reply
+    expect(reply_text(page)).to_have_text("".join(COUNTING))
+    expect(page.get_by_role("button", name="Send")).to_be_visible()
 
 
 def test_a_reply_that_can_no_longer_be_resumed_says_so_and_offers_retry(chat_page, upstream):
@@ -914,16 +923,7 @@ def test_the_page_works_under_a_url_prefix(host_app, page, upstream):
 
 def test_a_reload_under_a_url_prefix_resumes_the_reply(host_app, page, upstream):
     """Resuming and its cookie (Path=/assistant/api) go through the page's relative URLs too."""
-    upstream.reset(tokens=COUNTING, delay=0.05)
-    page.goto(host_app.url + "/assistant/")
-    say(page, "Count")
-    expect(reply_text(page)).to_contain_text("w05")
-
-    page.reload()
-
-    expect(reply_note(page)).to_have_text("14 tokens: 9 prompt, 5 reply.", timeout=20_000)
-    assert kept_answer(page) == "".join(COUNTING)
-    assert len(upstream.received) == 1
+    reload_mid_reply(page, upstream, host_app.url + "/assistant/")
 
 
 # --- Content-Security-Policy ---------------------------------------------------------------------
@@ -980,15 +980,7 @@ def test_nginx_serves_the_page_with_the_apps_csp_and_it_chats_through_nginx(page
 
 def test_a_reload_through_nginx_resumes_the_reply_and_stop_stops_it(page_nginx, page, upstream):
     """The shipped nginx.conf passes the resume (GET api/chat/<id>) and the stop through, unbuffered."""
-    upstream.reset(tokens=COUNTING, delay=0.05)
-    page.goto(page_nginx.url + "/")
-    say(page, "Count")
-    expect(reply_text(page)).to_contain_text("w05")
-
-    page.reload()
-
-    expect(reply_note(page)).to_have_text("14 tokens: 9 prompt, 5 reply.", timeout=20_000)
-    assert kept_answer(page) == "".join(COUNTING)
+    reload_mid_reply(page, upstream, page_nginx.url + "/")
     upstream.reset(tokens=COUNTING, delay=0.05)
     say(page, "Again")
     expect(reply_text(page)).to_contain_text("w02")
