@@ -289,6 +289,8 @@ class FileWriter:
                 event.set()
         if self.followers:
             self.logs.ring_followers(self)
+        if self.file.map[OFFSETS["stop"]] and not self.stopping:  # a stop whose ring was lost (a full bell)
+            self.stop()
         return data
 
     def beat(self):
@@ -797,7 +799,8 @@ class RedisWriter:
         trim = self.position - cap if self.position > cap else None  # keep the last CHAT_RESUME_MAX_BYTES
         try:
             pipe = self.logs.redis.pipeline(transaction=False)
-            pipe.xadd(f"{self.key}:log", {"d": data}, id=f"{self.position}-0", minid=trim, approximate=False)
+            # An entry holds what one read brought, at most its last CHAT_RESUME_MAX_BYTES (its start is end - size).
+            pipe.xadd(f"{self.key}:log", {"d": data[-cap:]}, id=f"{self.position}-0", minid=trim, approximate=False)
             if time.monotonic() >= self.next_beat:
                 self.queue_beat(pipe)
             replies = pipe.execute()

@@ -159,14 +159,14 @@ class WorkerConnection:
         return self.connection.getresponse()
 
 
-def connection_to_another_worker(server, pid):
-    """Open connections until one lands on a worker other than `pid`; close the others."""
+def connection_to_another_worker(server, pid, other=True):
+    """Open connections until one lands on a worker other than `pid` (or on it); close the others."""
     tried = []
     for n in range(50):
         connection = WorkerConnection(server, n)
-        if connection.pid != pid:
-            for other in tried:
-                other.connection.close()
+        if (connection.pid != pid) == other:
+            for unused in tried:
+                unused.connection.close()
             return connection
         tried.append(connection)
     pytest.fail("50 connections all landed on one worker")
@@ -229,26 +229,39 @@ def test_a_reader_in_another_worker_waits_out_a_long_silence(two_workers, upstre
 # --- Stop, and a reader that never comes back ----------------------------------------------------------
 
 
-def test_stop_closes_the_upstream_at_once_and_every_reader_sees_the_end(two_workers, upstream):
-    upstream.reset(tokens=tokens(200), delay=0.05)
-    connection, response = open_chat(two_workers.url, HI)
+STOPS = {  # the upstream's script, and how many data events arrive before the stop
+    "while tokens flow": ({"tokens": tokens(200), "delay": 0.05}, 3),
+    "while the model is silent": ({"tokens": tokens(5), "stall_at": 2, "stall": 20}, 2),
+}
+
+
+@pytest.mark.parametrize("worker", ["the producer's worker", "another worker"])
+@pytest.mark.parametrize("when", STOPS)
+def test_stop_closes_the_upstream_at_once_and_every_reader_sees_the_end(two_workers, upstream, when, worker):
+    script, events = STOPS[when]
+    upstream.reset(**script)
+    producer = WorkerConnection(two_workers, 0)
+    response = producer.request("POST", "/api/chat", {"Content-Type": "application/json"}, json.dumps(HI))
     raw = response.read1(65536)
-    while raw.count(b"\ndata: ") < 3:
+    while raw.count(b"\ndata: ") < events:
         raw += response.read1(65536)
     headers = dict(response.getheaders())
     stream_id, cookie = headers["X-Stream-Id"], cookie_of(headers)
+    stopper = connection_to_another_worker(two_workers, producer.pid, other=worker == "another worker")
 
     asked = time.monotonic()
-    stopped = post_chat(two_workers.url, None, headers={"Cookie": cookie}, path=f"/api/chat/{stream_id}/stop")
+    stopped = stopper.request("POST", f"/api/chat/{stream_id}/stop", {"Cookie": cookie})
+    stopped_body = stopped.read()
     [received] = upstream.received
     assert received.hung_up.wait(2), "the upstream was not closed"
-    print(f"\nstop to upstream closed: {(received.hung_up_at - asked) * 1000:.0f} ms")
+    print(f"\nstop ({when}, {worker}) to upstream closed: {(received.hung_up_at - asked) * 1000:.0f} ms")
     while chunk := response.read1(65536):
         raw += chunk
-    hang_up(connection, response)
-    again = post_chat(two_workers.url, None, headers={"Cookie": cookie}, path=f"/api/chat/{stream_id}/stop")
+    producer.connection.close()
+    again = stopper.request("POST", f"/api/chat/{stream_id}/stop", {"Cookie": cookie})
+    again.read()
 
-    assert stopped.status == 204 and stopped.raw == b""
+    assert stopped.status == 204 and stopped_body == b""
     assert received.hung_up_at - asked < 1.0
     assert len(received.sent) < 100
     end = [d for d in Reply(200, {}, raw, [], 0).data if isinstance(d, dict)][-1]
@@ -256,6 +269,30 @@ def test_stop_closes_the_upstream_at_once_and_every_reader_sees_the_end(two_work
     assert raw.endswith(b"data: [DONE]\n\n")
     assert events_of(raw) == whole_log(two_workers, stream_id, cookie)  # the log ends the same way
     assert again.status == 204  # idempotent
+
+
+def test_a_stop_from_another_worker_in_a_long_silence_closes_the_upstream_at_once(start_gunicorn, upstream):
+    """With the shipped heartbeat (15 s, here 10 s) the relay would notice a flag only at its next wake-up:
+    the stop closes the upstream under it instead, from whichever worker it is asked of."""
+    server = start_gunicorn({**SETTINGS, "CHAT_HEARTBEAT_SECONDS": "10"}, name="stop-silent", workers=2)
+    upstream.reset(tokens=tokens(5), stall_at=2, stall=30)
+    producer = WorkerConnection(server, 0)
+    response = producer.request("POST", "/api/chat", {"Content-Type": "application/json"}, json.dumps(HI))
+    raw = response.read1(65536)
+    while raw.count(b"\ndata: ") < 2:
+        raw += response.read1(65536)
+    headers = dict(response.getheaders())
+    stopper = connection_to_another_worker(server, producer.pid)
+    asked = time.monotonic()
+    stopper.request("POST", f"/api/chat/{headers['X-Stream-Id']}/stop", {"Cookie": cookie_of(headers)}).read()
+    [received] = upstream.received
+
+    assert received.hung_up.wait(2), "the stop waited for the relay's next heartbeat"
+    while chunk := response.read1(65536):
+        raw += chunk
+    producer.connection.close()
+    assert received.hung_up_at - asked < 1.0
+    assert b'"finish_reason": "stop"' in raw and raw.endswith(b"data: [DONE]\n\n")
 
 
 def test_stop_of_an_unknown_stream_is_404(two_workers, upstream):

@@ -144,3 +144,79 @@ def test_redis_going_away_never_breaks_a_chat(two_vms, upstream):
     assert vm_a.log().count("Redis unavailable") == 1  # one warning
     assert re.search(r"^chat_streams_unresumable_total 1\.0$", metrics, re.M), metrics
     assert wait_for(lambda: any("end=done" in line for line in stream_log_lines(vm_a)))
+
+
+# --- The same refusals and routes as on one VM (tests/test_resume.py), with the log in Redis ---------------
+
+
+@pytest.fixture
+def one_vm_on_redis(start_gunicorn, start_redis):
+    redis = start_redis()
+    env = {**SETTINGS, "CHAT_RESUME_REDIS_URL": redis.redis_url, "CHAT_RESUME_MAX_BYTES": "8192"}
+    env["CHAT_RESUME_READERS"] = "2"
+    return start_gunicorn(env, name="vm-redis")
+
+
+def get(server, path, headers=None):
+    return post_chat(server.url, None, headers=headers, path=path, method="GET")
+
+
+def test_redis_keeps_the_last_bytes_and_refuses_older_cursors_with_409(one_vm_on_redis, upstream):
+    upstream.reset(tokens=[f"{i:04d} " + "x" * 100 for i in range(150)])  # ~25 KB of log, 8 KB kept
+    reply = post_chat(one_vm_on_redis.url, HI)
+    path, cookie = f"/api/chat/{reply.headers['X-Stream-Id']}", cookie_of(reply.headers)
+    ids = re.findall(rb"^id: (\S+)$", reply.raw, re.M)
+    early = get(one_vm_on_redis, path, {"Cookie": cookie, "Last-Event-ID": ids[3].decode()})
+    late = get(one_vm_on_redis, path, {"Cookie": cookie, "Last-Event-ID": ids[-10].decode()})
+    mid_event = get(one_vm_on_redis, path, {"Cookie": cookie, "Last-Event-ID": ids[-10].decode()[:-1] + "1"})
+
+    assert early.status == mid_event.status == 409
+    assert json.loads(early.raw)["error"]["code"] == "resume_unavailable"
+    assert late.status == 200 and events_of(reply.raw).endswith(events_of(late.raw))
+    assert late.data[-1] == "[DONE]"
+
+
+def test_redis_streams_are_their_owners_only(one_vm_on_redis, upstream):
+    upstream.reset(tokens=tokens(3))
+    reply = post_chat(one_vm_on_redis.url, HI)
+    path, cookie = f"/api/chat/{reply.headers['X-Stream-Id']}", cookie_of(reply.headers)
+    whole = get(one_vm_on_redis, path, {"Cookie": cookie})
+    others = [get(one_vm_on_redis, path, headers) for headers in ({}, {"Cookie": "chat_owner=" + "D" * 32})]
+    unknown = get(one_vm_on_redis, "/api/chat/AAAAAAAAAAAAAAAAAAAAAAAA", {"Cookie": cookie})
+    stop = post_chat(one_vm_on_redis.url, None, headers={"Cookie": cookie}, path=f"{path}/stop")
+
+    assert events_of(whole.raw) == events_of(reply.raw)
+    assert [r.status for r in (*others, unknown)] == [404, 404, 404]
+    assert stop.status == 204  # finished: stopped already
+
+
+def test_redis_counts_a_streams_readers(one_vm_on_redis, upstream):
+    upstream.reset(tokens=tokens(100), delay=0.05)
+    connection, response = open_chat(one_vm_on_redis.url, HI)
+    response.read1(65536)
+    headers = dict(response.getheaders())
+    path, cookie = f"/api/chat/{headers['X-Stream-Id']}", cookie_of(headers)
+    readers = [
+        open_chat(one_vm_on_redis.url, None, headers={"Cookie": cookie}, path=path, method="GET") for _ in range(3)
+    ]
+
+    assert [r.status for _, r in readers] == [200, 200, 429]
+    for c, r in [*readers, (connection, response)]:
+        hang_up(c, r)
+
+
+def test_the_ai_sdk_resume_and_supersede_with_redis(one_vm_on_redis, upstream):
+    body = {"id": "chat-r", "messages": [{"id": "m1", "role": "user", "parts": [{"type": "text", "text": "Hi"}]}]}
+    upstream.reset(tokens=tokens(200), delay=0.05)
+    connection, response = open_chat(one_vm_on_redis.url, body, path="/api/ui-chat")
+    response.read1(65536)
+    cookie = cookie_of(dict(response.getheaders()))
+    hang_up(connection, response)
+    upstream.script.tokens, upstream.script.delay = tokens(3), 0
+    second = post_chat(one_vm_on_redis.url, body, headers={"Cookie": cookie}, path="/api/ui-chat")
+    assert upstream.received[0].hung_up.wait(2), "the superseded stream's upstream is still open"
+    resumed = get(one_vm_on_redis, "/api/ui-chat/chat-r/stream", {"Cookie": cookie})
+    none = get(one_vm_on_redis, "/api/ui-chat/chat-none/stream", {"Cookie": cookie})
+
+    assert events_of(resumed.raw) == events_of(second.raw)
+    assert (none.status, none.raw) == (204, b"")
