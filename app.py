@@ -182,11 +182,12 @@ def chat_reply():
     """Validate, open the upstream, then stream: every failure before the first byte is an HTTP status."""
     config = current_app.config
     check_token(config["CHAT_API_TOKEN"])
+    body = read_json(config)  # read first, the doctor's too: a proxy may cut a stream answered before its body was read
     if "diagnostic" in request.args:  # `flask doctor`'s stream: at the chat's URL, so it takes the chat's proxy path
         import operate
 
         return operate.diagnostic(request.args, config, relay_diagnostic)
-    model, messages, params = parse_chat_request(config, read_json(config))
+    model, messages, params = parse_chat_request(config, body)
     return stream_reply(config, model, messages, params, EventStream())
 
 
@@ -233,7 +234,13 @@ def respond(upstream, events, client, config, model, requested_at, release, watc
     response = Response(
         relay(upstream, events, client, config, stream_id, model, requested_at, watch),
         # No "Connection: keep-alive": it is hop-by-hop, gunicorn drops it and HTTP/2 forbids it.
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": stream_id, **events.headers},
+        # no-transform: HAProxy's compression (and a CDN's) then leaves the stream alone.
+        headers={
+            "Cache-Control": "no-cache, no-transform",
+            "X-Accel-Buffering": "no",
+            "X-Request-Id": stream_id,
+            **events.headers,
+        },
         content_type=events.media_type,  # text/event-stream is UTF-8 by definition: no charset needed
     )
     response.call_on_close(release)  # called by the server however the response ends

@@ -47,7 +47,7 @@ class Diagnosis:
     def __init__(self, result):
         self.returncode, self.output = result.returncode, result.stdout + result.stderr
         self.checks = {}
-        for match in re.finditer(r"^(PASS|FAIL)  (.{16}) (.*(?:\n {23}Fix: .*)?)", result.stdout, re.M):
+        for match in re.finditer(r"^(PASS|FAIL)  (.{16}) (.*(?:\n {23}.*)*)", result.stdout, re.M):
             self.checks[match.group(2).strip()] = (match.group(1), match.group(3))
 
     def verdicts(self):
@@ -65,6 +65,7 @@ def doctor(url, *options, token=TOKEN):
     diagnosis = Diagnosis(result)
     print(diagnosis.output)
     assert list(diagnosis.checks) == CHECKS, diagnosis.output
+    assert "Traceback" not in diagnosis.output
     return diagnosis
 
 

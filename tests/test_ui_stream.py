@@ -35,7 +35,7 @@ def test_exact_bytes_on_the_wire(gunicorn, upstream):
     assert reply.status == 200
     assert reply.headers["Content-Type"] == "text/event-stream"
     assert reply.headers["x-vercel-ai-ui-message-stream"] == "v1"
-    assert reply.headers["Cache-Control"] == "no-cache"
+    assert reply.headers["Cache-Control"] == "no-cache, no-transform"
     assert reply.headers["X-Accel-Buffering"] == "no"
     assert reply.raw == (
         b'data: {"type": "start"}\n\n'
