@@ -7,10 +7,8 @@ replaces, so that every silence lasts seconds.
 
 import http.client
 import json
-import shutil
 import socket
 import ssl
-import subprocess
 import time
 
 import pytest
@@ -19,7 +17,7 @@ from test_operate import doctor, with_heartbeat
 
 import operate
 from chat_client import Reply
-from live_servers import Gunicorns, unavailable
+from live_servers import Gunicorns
 
 HI = {"messages": [{"role": "user", "content": "Hi"}]}
 PROXIES = ["caddy", "haproxy", "apache"]
@@ -35,20 +33,6 @@ READ_TIMEOUT = {
 
 
 # --- Fixtures: the proxies, the app servers behind them, a certificate ----------------------------
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory):
-    """A self-signed certificate for 127.0.0.1, made with openssl: (certificate, key)."""
-    if shutil.which("openssl") is None:
-        unavailable("openssl is not installed (apt-get install openssl; .ci/run does)")
-    directory = tmp_path_factory.mktemp("proxies-tls")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    command = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
-    command += ["-keyout", key, "-out", cert, "-days", "30", "-subj", "/CN=127.0.0.1"]
-    command += ["-addext", "subjectAltName=IP:127.0.0.1", "-addext", "basicConstraints=critical,CA:FALSE"]
-    subprocess.run(command, check=True, capture_output=True, timeout=30)
-    return cert, key
 
 
 @pytest.fixture(scope="module")
@@ -349,3 +333,20 @@ def test_the_buffering_check_asks_for_each_event_on_time(pattern, passed, words)
     assert check.passed is passed
     assert words in check.seen
     assert passed or "HAProxy: no `compression` of the stream" in check.fix
+
+
+def test_apache_keeps_the_stream_uncompressed_under_a_compress_everything_filter(
+    proxies, stream_app, certificate, upstream
+):
+    """The README's `SetEnv no-gzip 1` holds even where mod_deflate's first documented snippet,
+    `SetOutputFilter DEFLATE`, compresses every response of the site (the page is compressed, the stream not)."""
+    deflating = ("    # Everything else (the page", "    SetOutputFilter DEFLATE\n    # Everything else (the page")
+    server = proxies.start_apache("apache-deflate-all", stream_app, certificate, replace=[deflating])
+    upstream.reset(tokens=[f"t{i} " for i in range(10)], delay=0.05)
+    reply = post(server, certificate, headers={"Accept-Encoding": "gzip"})
+    page = post(server, certificate, body=None, path="/", headers={"Accept-Encoding": "gzip"})
+
+    assert reply.status == 200
+    assert "Content-Encoding" not in reply.headers
+    assert reply.data[-1] == "[DONE]"
+    assert page.headers.get("Content-Encoding") == "gzip"  # the premise: this Apache compresses
