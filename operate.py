@@ -744,7 +744,7 @@ FIXES = {
             "nginx": "`proxy_ignore_client_abort off;` (the default) in the chat's location.",
             "Caddy": "no `flush_interval -1` in `reverse_proxy`: it keeps the app's request going once the tab left.",
             "HAProxy": "`option abortonclose` in the defaults (or the backend).",
-            "Apache": "none: Apache finds a closed tab at its second failed write; lower CHAT_HEARTBEAT_SECONDS.",
+            "Apache": "no directive (it hears of a closed tab at its 2nd failed write): set CHAT_HEARTBEAT_SECONDS=5.",
         },
     ),
 }
@@ -801,7 +801,9 @@ def check_buffering(run, proxy):
     # Arrival minus sending time, for each event (the clocks differ: only the differences count).
     delays = [at - i * TICK_SECONDS for i, at in enumerate([about_at, *ticks])]
     late, reads = max(delays) - min(delays), len({about_at, *ticks})
-    seen = f"{TICKS + 1} events sent {TICK_SECONDS * 1000:.0f} ms apart arrived in {reads} reads, up to"
+    seen = (
+        f"{TICKS + 1} events sent {TICK_SECONDS * 1000:.0f} ms apart arrived in {reads} read{'s' * (reads > 1)}, up to"
+    )
     seen += f" {late * 1000:.0f} ms late"
     if late > LATE_SECONDS:
         return Check("not buffered", False, seen + ": held back", fix("unbuffer", proxy))
@@ -875,10 +877,10 @@ def abort_verdict(target, run, proxy):
     timeout that cuts a silence cannot pass for an abort passed on), and the app's record says when it knew."""
     about, ticks = run.about(), run.ticks()
     stream_id, heartbeat = about.get("id"), about.get("heartbeat")
+    if not stream_id and (run.hung_up_at or not run.refused()):
+        return False, "no event came before the doctor hung up: held back", fix("unbuffer", proxy)
     if run.refused():
         return False, run.refused(), POINT
-    if not stream_id:
-        return False, "no event came before the doctor hung up: held back", fix("unbuffer", proxy)
     if run.complete():
         return False, "the stream arrived whole: no time to hang up in it", fix("unbuffer", proxy)
     if run.hung_up_at is None:

@@ -144,6 +144,8 @@ def test_doctor_finds_buffering_and_gzip(doctor_gunicorn, start_nginx):
     assert diagnosis.verdicts()["not compressed"] == "FAIL"
     assert "Content-Encoding: gzip" in diagnosis.checks["not compressed"][1]
     assert diagnosis.verdicts()["SSE headers"] == "PASS"
+    assert "held back" in diagnosis.checks["client abort"][1]
+    assert "proxy_buffering off" in diagnosis.checks["client abort"][1]
     assert diagnosis.returncode == 1
 
 
