@@ -251,7 +251,7 @@ DOCTOR_CASES = [
         "doctor_app",
         True,
         ["client abort"],
-        [("client abort", "flush_interval -1")],
+        [("client abort", "stops the model. Caddy: no `flush_interval -1`")],
     ),
     ("caddy", "caddy", None, "doctor_app", True, [], [("client abort", "HTTP/2: the app noticed")]),
     (
