@@ -59,7 +59,10 @@ def quiet_app(gunicorns):
 @pytest.fixture(scope="module")
 def abort_app(gunicorns):
     """Heartbeats every second: one ping after a hang-up is told apart from two."""
-    return gunicorns.start({"CHAT_HEARTBEAT_SECONDS": str(ABORT_HEARTBEAT)}, name="gunicorn-aborted")
+    # No resuming: a hang-up then ends the model's request at once (else it runs on CHAT_RESUME_SECONDS).
+    return gunicorns.start(
+        {"CHAT_HEARTBEAT_SECONDS": str(ABORT_HEARTBEAT), "CHAT_RESUME_SECONDS": "0"}, name="gunicorn-aborted"
+    )
 
 
 @pytest.fixture(scope="module")
