@@ -243,6 +243,8 @@ APACHE_NAIVE = """<VirtualHost *:80>
     SetOutputFilter DEFLATE
 </VirtualHost>
 """
+# mod_deflate's force-gzip: every response compressed, whatever the client accepts; the abort report too.
+APACHE_FORCE_GZIP = APACHE_NAIVE.replace("SetOutputFilter DEFLATE", "SetOutputFilter DEFLATE\n    SetEnv force-gzip 1")
 ALL_FOUR = ("nginx: ", "Caddy: ", "HAProxy: ", "Apache: ")
 
 DOCTOR_CASES = [
@@ -284,6 +286,15 @@ DOCTOR_CASES = [
         False,
         ["HTTP/2", "TLS", "client abort", "not compressed"],
         [("not compressed", "`SetEnv no-gzip 1`"), ("client abort", "CHAT_HEARTBEAT_SECONDS")],
+    ),
+    (
+        "apache-force-gzip",
+        "apache",
+        APACHE_FORCE_GZIP,
+        "doctor_app",
+        False,
+        ["HTTP/2", "TLS", "client abort", "not compressed"],
+        [("client abort", "the app noticed the hang-up"), ("not buffered", "in 21 reads")],
     ),
     ("apache", "apache", None, "doctor_app", True, ["client abort"], [("client abort", "CHAT_HEARTBEAT_SECONDS")]),
 ]
