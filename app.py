@@ -193,6 +193,7 @@ def chat_reply():
     check_token(config["CHAT_API_TOKEN"])
     if "diagnostic" in request.args:  # `flask doctor`'s stream: at the chat's URL, so it takes the chat's proxy path
         require_json()  # or any site could open diagnostic streams from its visitors' browsers, with a form
+        read_json(config)  # read its body first, as a chat's is: a proxy may cut a stream answered before
         return diagnostic(config)
     if last_event_id := request.headers.get("Last-Event-ID"):  # a client's retry (fetch-event-source): never paid twice
         named = resume.parse_event_id(last_event_id)
@@ -352,7 +353,9 @@ def stream_response(blocks, encoder, request_id):
     return Response(
         blocks,
         # No "Connection: keep-alive": it is hop-by-hop, gunicorn drops it and HTTP/2 forbids it.
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": request_id} | encoder.headers,
+        # no-transform: HAProxy's compression (and a CDN's) then leaves the stream alone.
+        headers={"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no", "X-Request-Id": request_id}
+        | encoder.headers,
         content_type=encoder.media_type,  # text/event-stream is UTF-8 by definition: no charset needed
     )
 
