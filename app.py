@@ -34,7 +34,16 @@ from greenlet import GreenletExit  # how gevent stops a stream that outlives the
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from protocols import EventStream, UIMessageStream, check_content, is_text, native_body
-from upstream import SOCKET_BUFFER, ClientLeft, StreamTimeout, Upstream, UpstreamError, refusal, uses_demo
+from upstream import (
+    SOCKET_BUFFER,
+    ClientLeft,
+    StreamTimeout,
+    Unsupported,
+    Upstream,
+    UpstreamError,
+    refusal,
+    uses_demo,
+)
 
 log = logging.getLogger("chat")
 
@@ -68,6 +77,9 @@ DEFAULTS = {
     "CHAT_STREAM_USAGE": "auto",  # ask for usage (stream_options); auto: stop asking a server that refuses it
     "CHAT_MAX_TOKENS_FIELD": "auto",  # max_tokens or max_completion_tokens; auto: the latter for OpenAI only
     "CHAT_EXTRA_BODY": "",  # a JSON object merged into every upstream request, e.g. {"chat_template_kwargs": ...}
+    "CHAT_UPSTREAM_API": "chat",  # chat: /v1/chat/completions; responses: /v1/responses (OpenAI's reasoning summaries)
+    "CHAT_RESPONSES_STORE": "0",  # 1: let OpenAI store Responses conversations (its own default); 0: never
+    "CHAT_REASONING_SUMMARY": "auto",  # Responses: ask for reasoning summaries (auto, concise, detailed) or off
     "CHAT_METRICS": "",  # 1: count streams for Prometheus at /metrics (operate.py); unset or 0: nothing is loaded
 }
 
@@ -111,6 +123,9 @@ SETTING_RULES = {  # setting: (check, what it must be); checked when the app is 
     "CHAT_STREAM_USAGE": one_of("auto", "on", "off"),
     "CHAT_MAX_TOKENS_FIELD": one_of("auto", "max_tokens", "max_completion_tokens"),
     "CHAT_EXTRA_BODY": (json_object, "a JSON object"),
+    "CHAT_UPSTREAM_API": one_of("chat", "responses"),
+    "CHAT_RESPONSES_STORE": one_of("0", "1"),
+    "CHAT_REASONING_SUMMARY": one_of("auto", "concise", "detailed", "off"),
     "CHAT_METRICS": (lambda v: v in ("", "0", "1"), "1 (on), or 0 or unset (off)"),
 }
 
@@ -198,6 +213,9 @@ def stream_reply(config, model, messages, params, events):
     client = Client.of_request(config)
     try:
         upstream = worker.upstream.open(model, messages, params, client.has_left)
+    except Unsupported as exc:  # a parameter the upstream's API does not have; nothing was sent
+        worker.slots.release()
+        raise ApiError(400, "unsupported_parameter", str(exc)) from None
     except (openai.OpenAIError, ClientLeft) as exc:
         worker.slots.release()
         refused = ApiError(*refusal(exc, model))
@@ -430,7 +448,8 @@ def relay(upstream, events, client, config, stream_id, model, requested_at, watc
         details = usage.get("completion_tokens_details")
         details = details if isinstance(details, dict) else {}
         log.info(
-            "stream %s model=%s end=%s ttfr=%s ttft=%s duration=%.3fs events=%d tokens=%s reasoning=%s reader=%s",
+            "stream %s model=%s end=%s ttfr=%s ttft=%s duration=%.3fs events=%d tokens=%s reasoning=%s"
+            " reader=%s api=%s",
             stream_id,
             model,
             outcome,
@@ -441,6 +460,7 @@ def relay(upstream, events, client, config, stream_id, model, requested_at, watc
             usage.get("completion_tokens", counts["content"] + counts["reasoning"]),
             details.get("reasoning_tokens", counts["reasoning"]),
             upstream.reader,
+            upstream.api,
         )
         if watch:
             watch.ended(outcome, error or upstream.finish_reason, first, duration, usage, sum(counts.values()))

@@ -200,7 +200,7 @@ class DiagnosticStream:
     stream ends, how is recorded for `report`.
     """
 
-    reader = "diagnostic"
+    reader = api = "diagnostic"
 
     def __init__(self, silence, heartbeat):
         self.silence, self.heartbeat = silence, heartbeat
