@@ -3,6 +3,7 @@
     python3 bench/run.py                                   # everything, ~10 minutes
     python3 bench/run.py --quick                           # a ~3.5-minute smoke run
     python3 bench/run.py --subjects flask --scenarios S1,S2
+    python3 bench/run.py --targets                         # print the targets table and stop
 
 It installs the peers' dependencies itself (bench/.venv-peers from bench/requirements.txt,
 `npm ci` in bench/peers/express) and needs the repository's .venv (the README's quickstart).
@@ -10,429 +11,94 @@ Every subject runs on core 1 (`taskset -c 1`); the fake upstream, the load gener
 script on core 0. Each measured run gets a fresh upstream and a fresh subject, a few warm-up
 streams, then the load; CPU and RSS are read from /proc for the subject's whole process tree.
 
-A full run writes bench/results.md; a filtered or --quick run writes bench/results/last.md
-(or --out). Logs and the raw figures of every run go to bench/results/ (not committed).
+The file reads in three parts: each scenario (how it runs, how its table reads), then the two
+tables that drive everything, SCENARIOS and TARGETS, then `main`. A full run writes
+bench/results.md; a filtered or --quick run writes bench/results/last.md (or --out). Logs and the
+raw figures of every run go to bench/results/ (not committed).
 """
 
 import argparse
-import hashlib
 import json
 import os
-import platform
-import resource
+import re
 import shlex
-import signal
-import socket
 import statistics
-import subprocess
 import sys
-import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-BENCH = ROOT / "bench"
-VENV = BENCH / ".venv-peers"
-PEERS_PY = VENV / "bin" / "python"
-APP_PY = ROOT / ".venv" / "bin" / "python"
-EXPRESS = BENCH / "peers" / "express"
-LOGS = BENCH / "results"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-HARNESS_CORE, SUBJECT_CORE = "0", "1"
+from harness import (
+    BENCH,
+    DIRECT,
+    FLOOR,
+    HARNESS_CORE,
+    LOGS,
+    ROOT,
+    SUBJECT_NAMES,
+    WARMUP,
+    Options,
+    Peaks,
+    children,
+    ensure_deps,
+    fd_cap,
+    first_event,
+    held_connections,
+    loadavg,
+    machine,
+    measured,
+    raise_fd_limit,
+    rss_kb,
+    run_load,
+    spread,
+    stalled_clients,
+    start_nginx,
+    start_service,
+    start_subject,
+    start_upstream,
+    stop_upstream,
+    stream_ends,
+    tree,
+    tree_cpu,
+    tree_rss_kb,
+    versions,
+    wait_port,
+    warm_up,
+)
 
-SUBJECT_NAMES = ["floor", "express", "fastapi", "flask"]
-DIRECT = "upstream"  # the load generator straight against the upstream: the harness's own ceiling
-FLOOR = "floor"  # bench/floor.py: a bare gevent relay, the least Python + gevent can cost
-
-# Scenario parameters: (full, quick).
-S1 = {"full": {"c": 50, "tokens": 2000}, "quick": {"c": 50, "tokens": 500}}
-S2 = {"full": {"levels": [100, 300, 600], "tokens": 500}, "quick": {"levels": [100, 300], "tokens": 150}}
-S3 = {"full": {"levels": [1000, 3000, 10000]}, "quick": {"levels": [1000]}}
-S4 = {"full": {"reps": 5}, "quick": {"reps": 3}}
-# S5, the same in both: 10,000 tokens are 2.1 MB from the upstream and 430 KB of events per stream, several
-# times what the client's side holds; the scenario stops by itself after `bound` seconds.
-S5 = dict.fromkeys(("full", "quick"), {"clients": 100, "tokens": 10_000, "bound": 20.0})
+P99_LIMIT_MS = 1000.0  # S2: a subject fails a level past this p99 added latency
 # S5 runs every subject with these (the peers ignore them): stalled streams are let go within seconds
 STALL_SETTINGS = {"CHAT_SEND_TIMEOUT": "5", "CHAT_HEARTBEAT_SECONDS": "1"}
-P99_LIMIT_MS = 1000.0  # S2: a subject fails a level past this p99 added latency
-WARMUP = 5  # short streams before each measured run (the upstream answers them at once)
 
 
-# --- setup ------------------------------------------------------------------------------------
+# --- report helpers -----------------------------------------------------------------------------
 
 
-def digest(path):
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def fmt(value, digits=0):
+    if value is None:
+        return "–"
+    return f"{value:,.{digits}f}"
 
 
-def ensure_deps():
-    """Make bench/.venv-peers and express's node_modules when missing or out of date."""
-    if not APP_PY.exists():
-        sys.exit(f"{APP_PY} is missing: run the README's quickstart install first.")
-    requirements, stamp = BENCH / "requirements.txt", VENV / ".requirements.sha256"
-    if not PEERS_PY.exists() or not stamp.exists() or stamp.read_text() != digest(requirements):
-        print("+ making bench/.venv-peers", flush=True)
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-        subprocess.run([str(PEERS_PY), "-m", "pip", "install", "-q", "-r", str(requirements)], check=True)
-        stamp.write_text(digest(requirements))
-    lock, stamp = EXPRESS / "package-lock.json", EXPRESS / "node_modules" / ".lock.sha256"
-    if not stamp.exists() or stamp.read_text() != digest(lock):
-        print("+ npm ci in bench/peers/express", flush=True)
-        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=EXPRESS, check=True)
-        stamp.write_text(digest(lock))
+def ratio(value, base):
+    if value is None or not base:
+        return "–"
+    return f"{value / base:.2f}×"
 
 
-def raise_fd_limit():
-    """2 descriptors per stream in a subject: raise the limit for every child (root may raise the hard one)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    for want in (1_048_576, 262_144, 65_536):
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(want, hard)))
-            return want
-        except (ValueError, OSError):
-            continue
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
-# --- processes --------------------------------------------------------------------------------
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_port(port, proc, timeout=30.0, interval=0.005):
-    """Return the monotonic time the port first accepted a connection."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited with {proc.returncode} before listening on {port}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return time.monotonic()
-        except OSError:
-            time.sleep(interval)
-    raise RuntimeError(f"nothing listening on {port} after {timeout}s")
-
-
-def proc_stat(pid):
-    """(ppid, cpu seconds) of one process, from /proc/PID/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[1]), (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def tree(root):
-    """The pids of root and all its descendants."""
-    children = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                ppid, _ = proc_stat(name)
-            except (OSError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(name))
-    pids, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        pids.append(pid)
-        todo.extend(children.get(pid, ()))
-    return pids
-
-
-def tree_cpu(root):
-    total = 0.0
-    for pid in tree(root):
-        try:
-            total += proc_stat(pid)[1]
-        except (OSError, IndexError):
-            pass
-    return total
-
-
-def tree_rss_kb(root):
-    total = 0
-    for pid in tree(root):
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-                        break
-        except OSError:
-            pass
-    return total
-
-
-def core_busy():
-    """Busy seconds per core since boot, from /proc/stat (to spot other load on our cores)."""
-    busy = {}
-    with open("/proc/stat") as f:
-        for line in f:
-            if line.startswith("cpu") and line[3].isdigit():
-                name, *values = line.split()
-                values = [int(v) for v in values]
-                busy[name[3:]] = (sum(values[:8]) - values[3] - values[4]) / CLK_TCK  # minus idle, iowait
-    return busy
-
-
-class Proc:
-    """A child process with its log file, stopped with its whole tree."""
-
-    def __init__(self, name, command, cwd=ROOT, env=None, core=HARNESS_CORE, stdout=None):
-        self.name = name
-        self.log_path = LOGS / f"{name}.log"
-        self.log = open(self.log_path, "ab")
-        self.log.write(f"\n+ {shlex.join(command)}\n".encode())
-        self.log.flush()
-        self.started = time.monotonic()
-        self.process = subprocess.Popen(
-            ["taskset", "-c", core, *command],
-            cwd=cwd,
-            env={**os.environ, **(env or {})},
-            stdout=stdout or self.log,
-            stderr=self.log,
-        )
-        self.pid = self.process.pid
-
-    def stop(self, sig=signal.SIGTERM, grace=3.0):
-        pids = tree(self.pid) if self.process.poll() is None else []
-        if pids:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(grace)
-            except subprocess.TimeoutExpired:
-                pass
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            self.process.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
-        self.log.close()
-
-
-def start_upstream(tag, tokens, interval=0.0, hold=0.0, warmup=WARMUP):
-    port = free_port()
-    command = [str(PEERS_PY), str(BENCH / "upstream.py"), "--port", str(port), "--tokens", str(tokens)]
-    command += ["--interval", str(interval), "--hold", str(hold), "--warmup", str(warmup)]
-    proc = Proc(f"upstream-{tag}", command, stdout=subprocess.PIPE)
-    proc.port = port
-    wait_port(port, proc.process)
-    return proc
-
-
-def stop_upstream(proc):
-    """Stop the upstream and return its own figures (it prints them as JSON on SIGTERM)."""
-    proc.process.send_signal(signal.SIGTERM)
-    try:
-        out, _ = proc.process.communicate(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.stop(signal.SIGKILL)
-        return {}
-    proc.log.close()
-    for line in out.decode().splitlines():
-        if line.startswith("{"):
-            return json.loads(line)["upstream"]
-    return {}
-
-
-def subject_command(name, port):
-    if name == "express":
-        return ["node", "server.js"], EXPRESS, {"PORT": str(port), "HOST": "127.0.0.1"}
-    if name == "fastapi":
-        command = [str(PEERS_PY), "-m", "uvicorn", "fastapi_app:app", "--app-dir", str(BENCH / "peers")]
-        return command + ["--host", "127.0.0.1", "--port", str(port)], ROOT, {}
-    if name == "flask":
-        command = [str(APP_PY), "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:create_app()", "-w", "1"]
-        return command + ["-b", f"127.0.0.1:{port}"], ROOT, {}
-    if name == FLOOR:  # on our Python and gevent
-        return [str(APP_PY), str(BENCH / "floor.py")], ROOT, {"PORT": str(port), "HOST": "127.0.0.1"}
-    raise ValueError(name)
-
-
-def start_subject(name, tag, upstream_port, concurrency=0, wait=True, settings=None):
-    port = free_port()
-    command, cwd, env = subject_command(name, port)
-    env.update(
-        {
-            "OPENAI_BASE_URL": f"http://127.0.0.1:{upstream_port}/v1",
-            "OPENAI_API_KEY": "sk-bench",
-            "CHAT_MODEL": "gpt-4",
-            # gunicorn.conf.py reads it: room for every stream of the scenario, 1000 at least (its default)
-            "GUNICORN_WORKER_CONNECTIONS": str(max(1000, concurrency + 100)),
-            # app.py's cap on open streams per worker, kept below worker_connections as documented
-            "CHAT_MAX_STREAMS": str(max(900, concurrency + 50)),
-        }
-    )
-    env.update(settings or {})  # a scenario's own settings (S5)
-    proc = Proc(f"{name}-{tag}", command, cwd=cwd, env=env, core=SUBJECT_CORE)
-    proc.port = port
-    if wait:
-        proc.listening = wait_port(port, proc.process)
-    return proc
-
-
-def run_load(port, concurrency, tag, ramp, timeout, path="/api/chat", hold_open=None, on_ready=None):
-    """Run bench/load.py on the harness core; return its figures. on_ready() runs at READY (idle mode)."""
-    out = LOGS / f"load-{tag}.json"
-    command = [str(PEERS_PY), str(BENCH / "load.py"), "--port", str(port), "--path", path]
-    command += ["-c", str(concurrency), "--ramp", str(ramp), "--timeout", str(timeout), "--out", str(out)]
-    if hold_open is not None:
-        command += ["--hold-open", str(hold_open)]
-    proc = Proc(f"load-{tag}", command, stdout=subprocess.PIPE)
-    for line in proc.process.stdout:
-        if line.startswith(b"READY") and on_ready:
-            on_ready(int(line.split()[1]))
-    proc.process.wait(timeout + 60)
-    proc.log.close()
-    return json.loads(out.read_text())
-
-
-class Sampler(threading.Thread):
-    """Peak RSS of a process tree, sampled every 100 ms."""
-
-    def __init__(self, pid):
-        super().__init__(daemon=True)
-        self.pid, self.peak, self.running = pid, 0, True
-
-    def run(self):
-        while self.running:
-            self.peak = max(self.peak, tree_rss_kb(self.pid))
-            time.sleep(0.1)
-
-    def stop(self):
-        self.running = False
-        self.join()
-        self.peak = max(self.peak, tree_rss_kb(self.pid))
-        return self.peak
-
-
-# --- one measured run ---------------------------------------------------------------------------
-
-
-REPEAT = 1  # --repeat: measure each run this many times, report the one with the least foreign load
-
-
-def measured(*args, **kwargs):
-    """measured_run, REPEAT times: the repetition least disturbed by other work on the machine is kept."""
-    runs = [measured_run(*args, **kwargs) for _ in range(REPEAT)]
-    best = min(runs, key=lambda r: max(0, r["foreign_core0_pct"]) + max(0, r["foreign_core1_pct"]))
-    best["repeats"] = [
-        {k: r[k] for k in ("events_per_s", "cpu_us_per_event", "foreign_core0_pct", "foreign_core1_pct")}
-        | {"latency_p99_ms": r["latency_ms"]["p99"]}
-        for r in runs
-    ]
-    return best
-
-
-def measured_run(subject, tag, upstream_args, concurrency, ramp, timeout, hold_open=None):
-    """Fresh upstream and subject, warm-up, then the load with CPU, RSS and noise figures."""
-    upstream = start_upstream(tag, **upstream_args, warmup=0 if subject == DIRECT else WARMUP)
-    proc = None
-    try:
-        if subject == DIRECT:
-            port, path, pid = upstream.port, "/v1/chat/completions", upstream.pid
-        else:
-            proc = start_subject(subject, tag, upstream.port, concurrency)
-            port, path, pid = proc.port, "/api/chat", proc.pid
-            warm = run_load(port, WARMUP, f"{tag}-warmup", ramp=0, timeout=30)
-            if warm["completed"] != WARMUP:
-                print(f"  warm-up of {subject} incomplete: {warm['errors']}", flush=True)
-        time.sleep(0.3)
-        rss_idle = tree_rss_kb(pid)
-        cpu0, up0, busy0 = tree_cpu(pid), tree_cpu(upstream.pid), core_busy()
-        sampler = Sampler(pid)
-        sampler.start()
-        open_rss = []
-
-        def on_ready(held):
-            for _ in range(10):  # while the streams are held open
-                open_rss.append(tree_rss_kb(pid))
-                time.sleep(0.1)
-
-        spy = start_profile(subject, tag, pid) if PROFILE else None
-        started = time.monotonic()
-        result = run_load(port, concurrency, tag, ramp, timeout, path=path, hold_open=hold_open, on_ready=on_ready)
-        wall = time.monotonic() - started
-        cpu1, up1, busy1 = tree_cpu(pid), tree_cpu(upstream.pid), core_busy()
-        peak = sampler.stop()
-        if spy is not None:
-            stop_profile(spy)
-    finally:
-        if proc is not None:
-            proc.stop()
-            time.sleep(0.2)  # let the upstream see the subject's connections close
-        figures = stop_upstream(upstream)
-    cpu = cpu1 - cpu0
-    harness_cpu = (up1 - up0) + result["loadgen_cpu_s"]
-    result.update(
-        subject=subject,
-        wall_s=wall,
-        cpu_s=cpu if subject != DIRECT else None,
-        cpu_us_per_event=(cpu / result["events"] * 1e6) if result["events"] and subject != DIRECT else None,
-        subject_core_pct=cpu / wall * 100 if subject != DIRECT else None,
-        rss_idle_kb=rss_idle,
-        rss_open_kb=max(open_rss) if open_rss else None,
-        rss_peak_kb=peak,
-        harness_core_pct=harness_cpu / wall * 100,
-        # CPU on the subject's core that was not the subject's: other people's work on this machine
-        foreign_core1_pct=((busy1[SUBJECT_CORE] - busy0[SUBJECT_CORE]) - (cpu if subject != DIRECT else 0))
-        / wall
-        * 100,
-        foreign_core0_pct=((busy1[HARNESS_CORE] - busy0[HARNESS_CORE]) - harness_cpu) / wall * 100,
-        upstream=figures,
-    )
-    return result
-
-
-PROFILE = False  # --profile: py-spy samples the Python subjects during each measured run
-
-
-def start_profile(subject, tag, pid):
-    """Start py-spy on a Python subject's tree (on the harness core); None for the others."""
-    if subject not in ("flask", "fastapi", FLOOR):
-        return None
-    out = LOGS / f"profile-{subject}-{tag}.raw"
-    command = [str(VENV / "bin" / "py-spy"), "record", "-p", str(pid), "-s", "-f", "raw", "-o", str(out)]
-    proc = Proc(f"py-spy-{subject}-{tag}", command + ["-r", "200", "--nonblocking", "--nolineno"])
-    proc.out = out
-    time.sleep(0.5)  # let it attach
-    return proc
-
-
-def stop_profile(spy, top=25):
-    """Stop py-spy and write the functions where the subject's CPU went, by self and by total samples."""
-    spy.process.send_signal(signal.SIGINT)
-    try:
-        spy.process.wait(15)
-    except subprocess.TimeoutExpired:
-        spy.stop(signal.SIGKILL)
-        return
-    spy.log.close()
-    own, total, samples = {}, {}, 0
-    for line in spy.out.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        frames, n = stack.split(";"), int(count)
-        samples += n
-        own[frames[-1]] = own.get(frames[-1], 0) + n
-        for frame in set(frames):
-            total[frame] = total.get(frame, 0) + n
-    lines = [f"{samples} samples of {spy.out.name}", "", "self %  function"]
-    lines += [f"{n / samples * 100:6.1f}  {f}" for f, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]]
-    lines += ["", "total %  function"]
-    lines += [f"{n / samples * 100:6.1f}  {f}" for f, n in sorted(total.items(), key=lambda kv: -kv[1])[:top]]
-    summary = spy.out.with_suffix(".txt")
-    summary.write_text("\n".join(lines) + "\n")
-    print(f"  profile: {summary.relative_to(ROOT)}", flush=True)
+def value_of(runs, subject, key, concurrency=None):
+    """One subject's figure in these runs (at this C), or None."""
+    for run in runs:
+        if run["subject"] == subject and (concurrency is None or run.get("concurrency") == concurrency):
+            return run.get(key)
+    return None
 
 
 def failed(result, p99_limit=None):
@@ -448,9 +114,6 @@ def failed(result, p99_limit=None):
     return "; ".join(reasons) or None
 
 
-# --- scenarios ----------------------------------------------------------------------------------
-
-
 def say(result, extra=""):
     lat = result["latency_ms"]
     print(
@@ -462,27 +125,57 @@ def say(result, extra=""):
     )
 
 
-def scenario_s1(subjects, mode):
-    p = S1[mode]
+# --- S1: upstream flat out ----------------------------------------------------------------------
+
+
+def run_s1(subjects, p, options):
     runs = []
     for subject in subjects:
-        result = measured(subject, "S1", {"tokens": p["tokens"]}, p["c"], ramp=0.2, timeout=180)
+        result = measured(options, subject, "S1", {"tokens": p["tokens"]}, p["c"], ramp=0.2, timeout=180)
         result["failed"] = failed(result)
         say(result)
         runs.append(result)
     return runs
 
 
-def scenario_s2(subjects, mode):
-    p = S2[mode]
+def report_s1(runs):
+    express, floor = (value_of(runs, name, "events_per_s") for name in ("express", FLOOR))
+    rows = []
+    for r in runs:
+        lat = r["latency_ms"]
+        rows.append(
+            [
+                r["subject"],
+                fmt(r["events_per_s"]),
+                ratio(r["events_per_s"], express),
+                ratio(r["events_per_s"], floor),
+                f"{r['completed']}/{r['concurrency']}",
+                r["error_count"],
+                fmt(r["cpu_s"], 2),
+                fmt(r["cpu_us_per_event"], 1),
+                fmt(r["rss_peak_kb"] / 1024, 1),
+                fmt(lat["p50"], 1),
+                fmt(lat["p99"], 1),
+                fmt(r["harness_core_pct"]),
+                f"{r['foreign_core0_pct']:.0f} / {r['foreign_core1_pct']:.0f}",
+            ]
+        )
+    header = ["subject", "events/s", "× Express", "× floor", "completed", "errors", "CPU s", "CPU µs/event"]
+    header += ["peak RSS MB", "added p50 ms", "added p99 ms", "harness core %", "foreign load core 0 / 1 %"]
+    return table(header, rows)
+
+
+# --- S2: 50 tokens/s per stream -----------------------------------------------------------------
+
+
+def run_s2(subjects, p, options):
     runs = []
     seconds = p["tokens"] * 0.02
     for subject in subjects:
         for c in p["levels"]:
             ramp = 2.0
-            result = measured(
-                subject, f"S2-{c}", {"tokens": p["tokens"], "interval": 0.02}, c, ramp=ramp, timeout=ramp + seconds + 20
-            )
+            upstream_args = {"tokens": p["tokens"], "interval": 0.02}
+            result = measured(options, subject, f"S2-{c}", upstream_args, c, ramp=ramp, timeout=ramp + seconds + 20)
             result["failed"] = failed(result, P99_LIMIT_MS)
             say(result, result["failed"] or "")
             runs.append(result)
@@ -491,13 +184,44 @@ def scenario_s2(subjects, mode):
     return runs
 
 
-def fd_cap():
-    """The most streams one subject process can hold: 2 descriptors each, under the hard limit, with headroom."""
-    return (resource.getrlimit(resource.RLIMIT_NOFILE)[1] - 200) // 2
+def report_s2(runs):
+    rows = []
+    for r in runs:
+        lat, ttfe, gap = r["latency_ms"], r["ttfe_ms"], r["gap_ms"]
+        express, floor = (value_of(runs, name, "cpu_us_per_event", r["concurrency"]) for name in ("express", FLOOR))
+        rows.append(
+            [
+                r["subject"],
+                r["concurrency"],
+                fmt(r["events_per_s"]),
+                fmt(r["cpu_us_per_event"], 1),
+                ratio(r["cpu_us_per_event"], express),
+                ratio(r["cpu_us_per_event"], floor),
+                fmt(r["subject_core_pct"]),
+                fmt(lat["p50"], 2),
+                fmt(lat["p99"], 2),
+                fmt(lat["max"], 1),
+                fmt(ttfe["p50"], 1),
+                fmt(ttfe["p99"], 1),
+                fmt(gap["p99"], 1),
+                r["error_count"],
+                r["unfinished"],
+                fmt(r["rss_peak_kb"] / 1024, 1),
+                fmt(r["harness_core_pct"]),
+                f"{r['foreign_core0_pct']:.0f} / {r['foreign_core1_pct']:.0f}",
+                r["failed"] or "ok",
+            ]
+        )
+    header = ["subject", "C", "events/s", "CPU µs/event", "× Express", "× floor", "subject core %", "added p50 ms"]
+    header += ["added p99 ms", "added max ms", "TTFE p50 ms", "TTFE p99 ms", "gap p99 ms", "errors", "unfinished"]
+    header += ["peak RSS MB", "harness core %", "foreign load core 0 / 1 %", "verdict"]
+    return table(header, rows)
 
 
-def scenario_s3(subjects, mode):
-    p = S3[mode]
+# --- S3: idle streams ---------------------------------------------------------------------------
+
+
+def run_s3(subjects, p, options):
     runs = []
     levels = [min(c, fd_cap()) for c in p["levels"]]
     if levels != p["levels"]:
@@ -507,7 +231,7 @@ def scenario_s3(subjects, mode):
             ramp = max(1.0, c / 1000)
             timeout = ramp + 30
             upstream_args = {"tokens": 2, "hold": timeout + 60}  # one token, then silence past the run
-            result = measured(subject, f"S3-{c}", upstream_args, c, ramp=ramp, timeout=timeout, hold_open=1.5)
+            result = measured(options, subject, f"S3-{c}", upstream_args, c, ramp=ramp, timeout=timeout, hold_open=1.5)
             held = result["held_open"] or 0
             if result["rss_open_kb"] and held == c:  # short of C, the waiting requests blur the figure
                 result["kb_per_stream"] = (result["rss_open_kb"] - result["rss_idle_kb"]) / held
@@ -521,26 +245,37 @@ def scenario_s3(subjects, mode):
     return runs
 
 
-def first_event(port, path="/api/chat", timeout=30.0):
-    """Send one chat request; return seconds to its first content event (None on failure)."""
-    body = b'{"messages":[{"role":"user","content":"hi"}]}'
-    request = (
-        b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-        b"Connection: close\r\n\r\n%s" % (path.encode(), len(body), body)
-    )
-    started = time.monotonic()
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(request)
-        seen = b""
-        while chunk := sock.recv(65536):
-            seen += chunk
-            if b"t=" in seen:
-                return time.monotonic() - started
-    return None
+def report_s3(runs):
+    rows = []
+    for r in runs:
+        express, floor = (value_of(runs, name, "kb_per_stream", r["concurrency"]) for name in ("express", FLOOR))
+        rows.append(
+            [
+                r["subject"],
+                r["concurrency"],
+                r["held_open"],
+                fmt(r["rss_idle_kb"] / 1024, 1),
+                fmt(r["rss_open_kb"] / 1024 if r["rss_open_kb"] else None, 1),
+                fmt(r["kb_per_stream"], 1),
+                ratio(r["kb_per_stream"], express),
+                ratio(r["kb_per_stream"], floor),
+                fmt(r["ready_after_s"], 1),
+                fmt(r["ttfe_ms"]["p99"], 0),
+                r["error_count"],
+                r["failed"] or "ok",
+            ]
+        )
+    header = ["subject", "C", "open", "RSS idle MB", "RSS open MB", "KB/stream", "× Express", "× floor"]
+    header += ["all open after s"]
+    header += ["TTFE p99 ms", "errors", "verdict"]
+    return table(header, rows)
 
 
-def scenario_s4(subjects, mode):
-    reps = S4[mode]["reps"]
+# --- S4: cold start -----------------------------------------------------------------------------
+
+
+def run_s4(subjects, p, options):
+    reps = p["reps"]
     runs = []
     for subject in subjects:
         if subject == DIRECT:
@@ -578,285 +313,6 @@ def scenario_s4(subjects, mode):
     return runs
 
 
-def stalled_clients(port, n):
-    """Open n connections that each send a chat request and then never read."""
-    body = b'{"messages":[{"role":"user","content":"hi"}]}'
-    request = (
-        b"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-    )
-    clients = []
-    for _ in range(n):
-        sock = socket.socket()
-        # Both before connect, so the SYN carries them. A tiny receive window (the kernel doubles it to 8 KB),
-        # and segments as on a real network: loopback's 64 KB ones make the kernel give the server's
-        # socket a send buffer of about 4 MB whatever the client reads, which would hide the relay's own.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1400)
-        sock.connect(("127.0.0.1", port))
-        sock.sendall(request % (len(body), body))
-        clients.append(sock)
-    return clients
-
-
-def held_connections(pid, port, upstream_port):
-    """The subject's connections: ({client port: bytes in its send queue}, {its own ports to the upstream})."""
-    inodes = set()
-    for child in tree(pid):
-        try:
-            fds = os.listdir(f"/proc/{child}/fd")
-        except OSError:  # gone
-            continue
-        for fd in fds:
-            try:
-                link = os.readlink(f"/proc/{child}/fd/{fd}")
-            except OSError:  # closed while we looked
-                continue
-            if link.startswith("socket:["):
-                inodes.add(link[8:-1])
-    clients, upstream = {}, set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as f:
-            next(f)
-            for line in f:
-                fields = line.split()
-                if fields[9] not in inodes:
-                    continue  # not the subject's, or closed by it (an orphan the kernel still flushes)
-                local, remote = int(fields[1].rsplit(":", 1)[1], 16), int(fields[2].rsplit(":", 1)[1], 16)
-                if local == port and remote:  # not the listening socket
-                    clients[remote] = int(fields[4].split(":")[0], 16)
-                elif remote == upstream_port:
-                    upstream.add(local)
-    return clients, upstream
-
-
-def stream_ends(log_path, offset):
-    """Count the `end=...` of the service's per-stream log lines written after offset."""
-    with open(log_path, "rb") as f:
-        f.seek(offset)
-        text = f.read().decode("utf-8", "replace")
-    ends = {}
-    for word in text.split():
-        if word.startswith("end="):
-            ends[word[4:]] = ends.get(word[4:], 0) + 1
-    return ends
-
-
-def spread(values):
-    """min / median / max of some seconds, or None."""
-    return {"min": min(values), "median": statistics.median(values), "max": max(values)} if values else None
-
-
-def scenario_s5(subjects, mode):
-    """Clients that send a request and never read, against an upstream as fast as it can: who lets go, when."""
-    p = S5[mode]
-    runs = []
-    for subject in subjects:
-        if subject == DIRECT:
-            continue
-        upstream = start_upstream("S5", tokens=p["tokens"])
-        proc = start_subject(subject, "S5", upstream.port, concurrency=p["clients"], settings=STALL_SETTINGS)
-        clients = []
-        try:
-            warm = run_load(proc.port, WARMUP, "S5-warmup", ramp=0, timeout=30)
-            if warm["completed"] != WARMUP:
-                print(f"  warm-up of {subject} incomplete: {warm['errors']}", flush=True)
-            time.sleep(0.3)
-            rss_before = peak = tree_rss_kb(proc.pid)
-            cpu_before = tree_cpu(proc.pid)
-            log_offset = proc.log_path.stat().st_size
-            started = time.monotonic()
-            clients = stalled_clients(proc.port, p["clients"])
-            # client port -> "not yet accepted", "held", or seconds from the start to when the subject closed it
-            let_go = dict.fromkeys((c.getsockname()[1] for c in clients), "not yet accepted")
-            upstream_closed = {}  # the subject's port of each upstream connection -> "held" or when it closed it
-            queued = {}  # client port -> (bytes in the subject's send queue, when that last changed): when it filled
-            while (now := time.monotonic() - started) < p["bound"]:
-                peak = max(peak, tree_rss_kb(proc.pid))
-                held, held_upstream = held_connections(proc.pid, proc.port, upstream.port)
-                for port, size in held.items():
-                    if port in let_go and queued.get(port, (None,))[0] != size:
-                        queued[port] = (size, now)
-                for states, ports in ((let_go, held), (upstream_closed, held_upstream)):
-                    for port in ports:
-                        states[port] = "held"
-                    for port, state in states.items():
-                        if state == "held" and port not in ports:  # seen before, gone now: the subject closed it
-                            states[port] = now
-                gone = [state for state in let_go.values() if not isinstance(state, str)]
-                if len(gone) == len(let_go) and now - max(gone) >= 1.0:  # all let go, and a second for the rest
-                    break
-                time.sleep(0.1)
-            duration = time.monotonic() - started
-            rss_end, cpu = tree_rss_kb(proc.pid), tree_cpu(proc.pid) - cpu_before
-            ends = stream_ends(proc.log_path, log_offset) if subject == "flask" else None
-        finally:
-            for sock in clients:
-                sock.close()
-            proc.stop()
-            time.sleep(0.2)
-            stop_upstream(upstream)
-        released = sorted(state for state in let_go.values() if not isinstance(state, str))
-        # from when the subject's send queue to the client stopped growing (its write blocked) to when it let go
-        after_stall = sorted(state - queued[port][1] for port, state in let_go.items() if not isinstance(state, str))
-        stalled = sorted(when for _, when in queued.values())
-        closed = sorted(state for state in upstream_closed.values() if not isinstance(state, str))
-        accepted = sum(state != "not yet accepted" for state in let_go.values())
-        result = {
-            "subject": subject,
-            "clients": p["clients"],
-            "tokens": p["tokens"],
-            "bound_s": p["bound"],
-            "duration_s": duration,
-            "cpu_s": cpu,
-            "rss_before_kb": rss_before,
-            "rss_peak_kb": peak,
-            "rss_end_kb": rss_end,
-            "accepted": accepted,
-            "kb_per_stream": (peak - rss_before) / max(1, accepted),
-            "let_go": len(released),
-            "let_go_s": spread(released),
-            "stalled_s": spread(stalled),
-            "let_go_after_stall_s": spread(after_stall),
-            "held": sum(state == "held" for state in let_go.values()),
-            "upstream_closed": len(closed),
-            "upstream_closed_s": spread(closed),
-            "upstream_open_at_end": len(upstream_closed) - len(closed),
-            "log_ends": ends,
-        }
-        go, hold = result["let_go_s"], result["let_go_after_stall_s"]
-        print(
-            f"  {subject:9} accepted {accepted}, RSS {rss_before / 1024:.1f} -> peak {peak / 1024:.1f} MB "
-            f"({result['kb_per_stream']:.0f} KB/stream), CPU {cpu:.1f} s, let go {len(released)}/{p['clients']}"
-            + (f" after {go['min']:.1f}/{go['median']:.1f}/{go['max']:.1f} s" if go else "")
-            + (
-                f" ({hold['min']:.1f}/{hold['median']:.1f}/{hold['max']:.1f} s after their queue filled)"
-                if hold
-                else ""
-            )
-            + f", held {result['held']}, upstream closed {len(closed)} (open {result['upstream_open_at_end']})"
-            + (f", log {ends}" if ends is not None else ""),
-            flush=True,
-        )
-        runs.append(result)
-    return runs
-
-
-# --- report -------------------------------------------------------------------------------------
-
-
-def fmt(value, digits=0):
-    if value is None:
-        return "–"
-    return f"{value:,.{digits}f}"
-
-
-def ratio(value, base):
-    if value is None or not base:
-        return "–"
-    return f"{value / base:.2f}×"
-
-
-def table(header, rows):
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def value_of(runs, subject, key, concurrency=None):
-    """One subject's figure in these runs (at this C), or None."""
-    for run in runs:
-        if run["subject"] == subject and (concurrency is None or run.get("concurrency") == concurrency):
-            return run.get(key)
-    return None
-
-
-def report_s1(runs):
-    express, floor = (value_of(runs, name, "events_per_s") for name in ("express", FLOOR))
-    rows = []
-    for r in runs:
-        lat = r["latency_ms"]
-        rows.append(
-            [
-                r["subject"],
-                fmt(r["events_per_s"]),
-                ratio(r["events_per_s"], express),
-                ratio(r["events_per_s"], floor),
-                f"{r['completed']}/{r['concurrency']}",
-                r["error_count"],
-                fmt(r["cpu_s"], 2),
-                fmt(r["cpu_us_per_event"], 1),
-                fmt(r["rss_peak_kb"] / 1024, 1),
-                fmt(lat["p50"], 1),
-                fmt(lat["p99"], 1),
-                fmt(r["harness_core_pct"]),
-                f"{r['foreign_core0_pct']:.0f} / {r['foreign_core1_pct']:.0f}",
-            ]
-        )
-    header = ["subject", "events/s", "× Express", "× floor", "completed", "errors", "CPU s", "CPU µs/event"]
-    header += ["peak RSS MB", "added p50 ms", "added p99 ms", "harness core %", "foreign load core 0 / 1 %"]
-    return table(header, rows)
-
-
-def report_s2(runs):
-    rows = []
-    for r in runs:
-        lat, ttfe, gap = r["latency_ms"], r["ttfe_ms"], r["gap_ms"]
-        express, floor = (value_of(runs, name, "cpu_us_per_event", r["concurrency"]) for name in ("express", FLOOR))
-        rows.append(
-            [
-                r["subject"],
-                r["concurrency"],
-                fmt(r["events_per_s"]),
-                fmt(r["cpu_us_per_event"], 1),
-                ratio(r["cpu_us_per_event"], express),
-                ratio(r["cpu_us_per_event"], floor),
-                fmt(r["subject_core_pct"]),
-                fmt(lat["p50"], 2),
-                fmt(lat["p99"], 2),
-                fmt(lat["max"], 1),
-                fmt(ttfe["p50"], 1),
-                fmt(ttfe["p99"], 1),
-                fmt(gap["p99"], 1),
-                r["error_count"],
-                r["unfinished"],
-                fmt(r["rss_peak_kb"] / 1024, 1),
-                fmt(r["harness_core_pct"]),
-                f"{r['foreign_core0_pct']:.0f} / {r['foreign_core1_pct']:.0f}",
-                r["failed"] or "ok",
-            ]
-        )
-    header = ["subject", "C", "events/s", "CPU µs/event", "× Express", "× floor", "subject core %", "added p50 ms"]
-    header += ["added p99 ms", "added max ms", "TTFE p50 ms", "TTFE p99 ms", "gap p99 ms", "errors", "unfinished"]
-    header += ["peak RSS MB", "harness core %", "foreign load core 0 / 1 %", "verdict"]
-    return table(header, rows)
-
-
-def report_s3(runs):
-    rows = []
-    for r in runs:
-        express, floor = (value_of(runs, name, "kb_per_stream", r["concurrency"]) for name in ("express", FLOOR))
-        rows.append(
-            [
-                r["subject"],
-                r["concurrency"],
-                r["held_open"],
-                fmt(r["rss_idle_kb"] / 1024, 1),
-                fmt(r["rss_open_kb"] / 1024 if r["rss_open_kb"] else None, 1),
-                fmt(r["kb_per_stream"], 1),
-                ratio(r["kb_per_stream"], express),
-                ratio(r["kb_per_stream"], floor),
-                fmt(r["ready_after_s"], 1),
-                fmt(r["ttfe_ms"]["p99"], 0),
-                r["error_count"],
-                r["failed"] or "ok",
-            ]
-        )
-    header = ["subject", "C", "open", "RSS idle MB", "RSS open MB", "KB/stream", "× Express", "× floor"]
-    header += ["all open after s"]
-    header += ["TTFE p99 ms", "errors", "verdict"]
-    return table(header, rows)
-
-
 def report_s4(runs):
     base = value_of(runs, "express", "ttfe_ms")
     rows = [
@@ -875,6 +331,107 @@ def report_s4(runs):
     header = ["subject", "reps", "start → port open ms", "first request → first event ms", "× Express"]
     header += ["start → first event ms", "each rep ms", "second request → first event ms"]
     return table(header, rows)
+
+
+# --- S5: clients that never read -----------------------------------------------------------------
+
+
+def run_s5(subjects, p, options):
+    """Clients that send a request and never read, against an upstream as fast as it can: who lets go, when."""
+    runs = []
+    for subject in subjects:
+        if subject == DIRECT:
+            continue
+        upstream = start_upstream("S5", tokens=p["tokens"])
+        proc = start_subject(subject, "S5", upstream.port, concurrency=p["clients"], settings=p["settings"])
+        clients = []
+        try:
+            warm_up(proc, subject, "S5")
+            time.sleep(0.3)
+            rss_before = tree_rss_kb(proc.pid)
+            cpu_before = tree_cpu(proc.pid)
+            log_offset = proc.log_path.stat().st_size
+            started = time.monotonic()
+            clients = stalled_clients(proc.port, p["clients"])
+            watched = watch_stalled(proc, upstream, clients, started, p["bound"], rss_before)
+            watched.update(rss_before_kb=rss_before, duration_s=time.monotonic() - started)
+            watched.update(rss_end_kb=tree_rss_kb(proc.pid), cpu_s=tree_cpu(proc.pid) - cpu_before)
+            watched["log_ends"] = stream_ends(proc.log_path, log_offset) if subject.startswith("flask") else None
+        finally:
+            for sock in clients:
+                sock.close()
+            proc.stop()
+            time.sleep(0.2)
+            stop_upstream(upstream)
+        result = stall_figures(subject, p, **watched)
+        say_s5(result)
+        runs.append(result)
+    return runs
+
+
+def watch_stalled(proc, upstream, clients, started, bound, rss_before):
+    """Every 100 ms, which of the subject's client and upstream connections are still open, and its RSS."""
+    # client port -> "not yet accepted", "held", or seconds from the start to when the subject closed it
+    let_go = dict.fromkeys((c.getsockname()[1] for c in clients), "not yet accepted")
+    upstream_closed = {}  # the subject's port of each upstream connection -> "held" or when it closed it
+    queued = {}  # client port -> (bytes in the subject's send queue, when that last changed): when it filled
+    peak = rss_before
+    while (now := time.monotonic() - started) < bound:
+        peak = max(peak, tree_rss_kb(proc.pid))
+        held, held_upstream = held_connections(proc.pid, proc.port, upstream.port)
+        for port, size in held.items():
+            if port in let_go and queued.get(port, (None,))[0] != size:
+                queued[port] = (size, now)
+        for states, ports in ((let_go, held), (upstream_closed, held_upstream)):
+            for port in ports:
+                states[port] = "held"
+            for port, state in states.items():
+                if state == "held" and port not in ports:  # seen before, gone now: the subject closed it
+                    states[port] = now
+        gone = [state for state in let_go.values() if not isinstance(state, str)]
+        if len(gone) == len(let_go) and now - max(gone) >= 1.0:  # all let go, and a second for the rest
+            break
+        time.sleep(0.1)
+    return {"let_go": let_go, "upstream_closed": upstream_closed, "queued": queued, "rss_peak_kb": peak}
+
+
+def stall_figures(subject, p, let_go, upstream_closed, queued, **measured_here):
+    """S5's figures of one subject from what watch_stalled saw."""
+    released = sorted(state for state in let_go.values() if not isinstance(state, str))
+    # from when the subject's send queue to the client stopped growing (its write blocked) to when it let go
+    after_stall = sorted(state - queued[port][1] for port, state in let_go.items() if not isinstance(state, str))
+    stalled = sorted(when for _, when in queued.values())
+    closed = sorted(state for state in upstream_closed.values() if not isinstance(state, str))
+    accepted = sum(state != "not yet accepted" for state in let_go.values())
+    result = {"subject": subject, "clients": p["clients"], "tokens": p["tokens"], "bound_s": p["bound"]}
+    result.update(measured_here)
+    result.update(
+        accepted=accepted,
+        kb_per_stream=(result["rss_peak_kb"] - result["rss_before_kb"]) / max(1, accepted),
+        let_go=len(released),
+        let_go_s=spread(released),
+        stalled_s=spread(stalled),
+        let_go_after_stall_s=spread(after_stall),
+        held=sum(state == "held" for state in let_go.values()),
+        upstream_closed=len(closed),
+        upstream_closed_s=spread(closed),
+        upstream_open_at_end=len(upstream_closed) - len(closed),
+    )
+    return result
+
+
+def say_s5(result):
+    go, hold, ends = result["let_go_s"], result["let_go_after_stall_s"], result["log_ends"]
+    print(
+        f"  {result['subject']:9} accepted {result['accepted']}, RSS {result['rss_before_kb'] / 1024:.1f} -> "
+        f"peak {result['rss_peak_kb'] / 1024:.1f} MB ({result['kb_per_stream']:.0f} KB/stream), "
+        f"CPU {result['cpu_s']:.1f} s, let go {result['let_go']}/{result['clients']}"
+        + (f" after {go['min']:.1f}/{go['median']:.1f}/{go['max']:.1f} s" if go else "")
+        + (f" ({hold['min']:.1f}/{hold['median']:.1f}/{hold['max']:.1f} s after their queue filled)" if hold else "")
+        + f", held {result['held']}, upstream closed {result['upstream_closed']} "
+        f"(open {result['upstream_open_at_end']})" + (f", log {ends}" if ends is not None else ""),
+        flush=True,
+    )
 
 
 def report_s5(runs):
@@ -913,165 +470,489 @@ def report_s5(runs):
     return table(header, rows)
 
 
-def report_targets(raw, subject="flask"):
-    """Each target of the performance budget (bench/README.md) beside what this run measured."""
+# --- S6: short replies, as many as one core takes ------------------------------------------------
 
-    def runs(scenario, name=subject):
-        return [r for r in raw.get(scenario, []) if r["subject"] == name]
 
-    def verdict(ok):
-        return "met" if ok else "gap"
+def run_s6(subjects, p, options):
+    """A closed loop of short replies: C requests always in flight, each replaced when it ends, for p["seconds"]."""
+    runs = []
+    for subject in subjects:
+        seconds, upstream_args = p["seconds"], {"tokens": p["tokens"]}
+        result = measured(options, subject, "S6", upstream_args, p["c"], 0.2, seconds + 30, duration=seconds)
+        result["failed"] = failed(result)
+        done = result["completed"]
+        result["cpu_us_per_request"] = result["cpu_s"] / done * 1e6 if done and result["cpu_s"] is not None else None
+        say(result, f"requests/s={result['requests_per_s']:.0f} cpu/request={fmt(result['cpu_us_per_request'])}us")
+        runs.append(result)
+    return runs
 
-    def cpu_at(name, c):
-        return value_of(raw.get("S2", []), name, "cpu_us_per_event", c)
 
+def report_s6(runs):
+    express, floor = (value_of(runs, name, "requests_per_s") for name in ("express", FLOOR))
     rows = []
-    s1, s1_express = runs("S1"), runs("S1", "express")
-    if s1 and s1_express:
-        ours, theirs = s1[0]["events_per_s"], s1_express[0]["events_per_s"]
+    for r in runs:
+        ttfe = r["ttfe_ms"]
         rows.append(
             [
-                "S1 events/s ≥ 1.75× Express's, same run",
-                f"{ours:,.0f} vs {theirs:,.0f} ({ours / theirs:.2f}×)",
-                verdict(ours >= 1.75 * theirs),
+                r["subject"],
+                fmt(r["requests_per_s"]),
+                ratio(r["requests_per_s"], express),
+                ratio(r["requests_per_s"], floor),
+                fmt(r["cpu_us_per_request"]),
+                fmt(r["cpu_us_per_event"], 1),
+                fmt(r["subject_core_pct"]),
+                f"{r['completed']:,}/{r['requests']:,}",
+                r["error_count"],
+                fmt(ttfe["p50"], 1),
+                fmt(ttfe["p99"], 1),
+                fmt(r["rss_peak_kb"] / 1024, 1),
+                fmt(r["harness_core_pct"]),
+                f"{r['foreign_core0_pct']:.0f} / {r['foreign_core1_pct']:.0f}",
             ]
         )
-    s2 = runs("S2")
-    near = [r for r in s2 if r["concurrency"] in (100, 300) and cpu_at(FLOOR, r["concurrency"])]
-    if near:
-        cpu = ", ".join(
-            f"{r['cpu_us_per_event']:.1f} vs {cpu_at(FLOOR, r['concurrency']):.1f} µs "
-            f"({r['cpu_us_per_event'] / cpu_at(FLOOR, r['concurrency']):.2f}×) at C={r['concurrency']}"
-            for r in near
-        )
-        ok = all(r["cpu_us_per_event"] <= 1.3 * cpu_at(FLOOR, r["concurrency"]) for r in near)
-        rows.append(["S2 CPU per event ≤ 1.3× the floor's at C=100 and C=300", cpu, verdict(ok)])
-    versus = [r for r in s2 if cpu_at("express", r["concurrency"])]
-    if versus:
-        cpu = ", ".join(
-            f"{r['cpu_us_per_event']:.1f} vs {cpu_at('express', r['concurrency']):.1f} µs at C={r['concurrency']}"
-            for r in versus
-        )
-        ok = all(r["cpu_us_per_event"] <= cpu_at("express", r["concurrency"]) for r in versus)
-        rows.append(["S2 CPU per event ≤ Express's at every C", cpu, verdict(ok)])
-    upto = [r for r in s2 if r["concurrency"] <= 400]
-    if upto:
-        p99 = ", ".join(f"{r['latency_ms']['p99']:.1f} ms at C={r['concurrency']}" for r in s2)
-        ok = all(not r["failed"] and r["latency_ms"]["p99"] < 20 for r in upto)
-        rows.append(["S2 p99 added latency < 20 ms up to C=400", p99, verdict(ok)])
-    s3 = runs("S3")
-    if s3:
-        top = max(s3, key=lambda r: r["concurrency"])
-        kb = ", ".join(f"{fmt(r['kb_per_stream'], 1)} at C={r['concurrency']}" for r in s3)
-        rows.append(
-            [
-                "S3 ≤ 40 KB per idle open stream",
-                kb,
-                verdict(all(r["kb_per_stream"] and r["kb_per_stream"] <= 40 for r in s3)),
-            ]
-        )
-        rows.append(
-            [
-                "S3 10,000 idle streams in one worker",
-                f"{top['held_open']:,} of {top['concurrency']:,} open",
-                "met, up to this machine's fd limit"
-                if top["held_open"] == top["concurrency"] < 10_000
-                else verdict(top["held_open"] >= 10_000),
-            ]
-        )
-    s4 = runs("S4")
-    if s4:
-        r = s4[0]
-        rows.append(
-            [
-                "S4 first event of the first request after a start ≤ 100 ms",
-                f"{fmt(r['ttfe_ms'], 1)} ms after the port opens ({fmt(r['start_to_event_ms'])} ms after the start)",
-                verdict(r["ttfe_ms"] <= 100),
-            ]
-        )
-    s5 = runs("S5")
-    if s5:
-        r = s5[0]
-        rows.append(
-            [
-                "S5 stalled clients: memory bounded, ≤ 256 KB per stream",
-                f"{fmt(r['kb_per_stream'])} KB per stream (RSS peak − before, over {r['accepted']} streams)",
-                verdict(r["kb_per_stream"] <= 256),
-            ]
-        )
-        limit = float(STALL_SETTINGS["CHAT_SEND_TIMEOUT"]) + float(STALL_SETTINGS["CHAT_HEARTBEAT_SECONDS"])
-        go, hold = r["let_go_s"], r["let_go_after_stall_s"]
-        measured = f"{r['let_go']} of {r['clients']} let go"
-        if go:
-            measured += f", {hold['max']:.1f} s at most after their send queue filled (the last {go['max']:.1f} s in)"
-        if r["let_go"] < r["clients"]:
-            measured += f"; {r['clients'] - r['let_go']} still held after {r['duration_s']:.0f} s"
-        rows.append(
-            [
-                f"S5 every stalled stream let go within CHAT_SEND_TIMEOUT + one heartbeat ({limit:g} s here)",
-                measured,
-                verdict(r["let_go"] == r["clients"] and hold["max"] <= limit),
-            ]
-        )
-    return table(["target (per gevent worker, i.e. per core)", "measured", "verdict"], rows)
+    header = ["subject", "requests/s", "× Express", "× floor", "CPU µs/request", "CPU µs/event", "subject core %"]
+    header += ["completed", "errors", "TTFE p50 ms", "TTFE p99 ms", "peak RSS MB", "harness core %"]
+    header += ["foreign load core 0 / 1 %"]
+    return table(header, rows)
 
 
-def versions():
-    def pkgs(python, names):
-        code = "import importlib.metadata as m,sys,json;print(json.dumps({n:m.version(n) for n in sys.argv[1:]}))"
-        return json.loads(subprocess.run([str(python), "-c", code, *names], capture_output=True, text=True).stdout)
+# --- S7: the mission's scale, through nginx ------------------------------------------------------
 
-    app = pkgs(APP_PY, ["flask", "gunicorn", "gevent", "openai", "werkzeug"])
-    peers = pkgs(PEERS_PY, ["fastapi", "sse-starlette", "starlette", "uvicorn", "uvloop", "httptools", "openai"])
-    npm = {
-        name: json.loads((EXPRESS / "node_modules" / name / "package.json").read_text())["version"]
-        for name in ("openai", "express")
-    }
 
-    def python_version(python):
-        return subprocess.run([str(python), "-V"], capture_output=True, text=True).stdout.strip()
+def run_s7(subjects, p, options):
+    """Many streams through the shipped nginx.conf to the shipped gunicorn.conf.py, all on the whole machine."""
+    if "flask" not in subjects:
+        return []
+    warm = 4 * WARMUP  # a few for each worker: least_conn spreads them
+    upstream = start_upstream("S7", int(p["rate"] * p["seconds"]), interval=1 / p["rate"], warmup=warm, core=None)
+    service = nginx = None
+    try:
+        service = start_service("S7", upstream.port, p["settings"])
+        nginx = start_nginx("S7", service.port, p["nginx"])
+        run_load(nginx.port, warm, "S7-warmup", ramp=0, timeout=30, core=None, sources=warm)
+        time.sleep(1.0)
+        workers, nginxes = children(service.pid), tree(nginx.pid)
+        idle = {pid: rss_kb(pid) for pid in workers + nginxes}
+        parts = {"service": service, "nginx": nginx, "upstream": upstream}
+        cpu_before = {name: tree_cpu(proc.pid) for name, proc in parts.items()}
+        log_offset = service.log_path.stat().st_size
+        peaks = Peaks(workers + nginxes)
+        peaks.start()
+        timeout = p["ramp"] + p["seconds"] + 60
+        result = run_load(nginx.port, p["streams"], "S7", p["ramp"], timeout, core=None, sources=p["streams"])
+        peak = peaks.stop()
+        cpu = {name: tree_cpu(proc.pid) - cpu_before[name] for name, proc in parts.items()}
+        result["log_ends"] = stream_ends(service.log_path, log_offset)
+    finally:
+        for proc in (nginx, service):
+            if proc is not None:
+                proc.stop()
+        stop_upstream(upstream)
+    result.update(subject="flask", settings=p["settings"], nginx_changes=p["nginx"], streams=p["streams"])
+    result.update(nginx_log=nginx_complaints(nginx.error_log), loadgen_cpu=result["loadgen_cpu_s"], cpu_s=cpu)
+    result["workers"] = [{"rss_idle_kb": idle[pid], "rss_peak_kb": peak[pid]} for pid in workers]
+    result["nginx_rss_idle_kb"] = sum(idle[pid] for pid in nginxes)
+    result["nginx_rss_peak_kb"] = sum(peak[pid] for pid in nginxes)
+    result["failed"] = failed(result)
+    say_s7(result)
+    return [result]
 
-    node = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()
-    return (
-        f"- ours: {python_version(APP_PY)}, flask {app['flask']}, werkzeug {app['werkzeug']}, "
-        f"gunicorn {app['gunicorn']}, gevent {app['gevent']}, openai (py) {app['openai']}\n"
-        f"- floor: bench/floor.py on the same Python and gevent {app['gevent']}, nothing else\n"
-        f"- FastAPI peer: {python_version(PEERS_PY)}, fastapi {peers['fastapi']}, "
-        f"sse-starlette {peers['sse-starlette']}, starlette {peers['starlette']}, uvicorn {peers['uvicorn']} "
-        f"(uvloop {peers['uvloop']}, httptools {peers['httptools']}), openai (py) {peers['openai']}\n"
-        f"- Express peer: node {node}, express {npm['express']}, openai (npm) {npm['openai']} (a 4.x whose SSE "
-        f"decoder does not hold back the last event of a read)\n"
-        f"- harness: fake upstream and load generator on {python_version(PEERS_PY)} with uvloop {peers['uvloop']}"
+
+def nginx_complaints(path):
+    """nginx's error log, its lines counted by what they say (times, pids and addresses left out)."""
+    said = {}
+    for line in path.read_text(errors="replace").splitlines() if path.exists() else ():
+        words = line.split(" ", 3)[-1].split(", client:")[0]  # past the date, time and level
+        key = re.sub(r"\d+#\d+: (\*\d+ )?", "", words)[:160]
+        said[key] = said.get(key, 0) + 1
+    return dict(sorted(said.items(), key=lambda kv: -kv[1])[:5])
+
+
+def say_s7(r):
+    lat, ttfe = r["latency_ms"], r["ttfe_ms"]
+    workers = ", ".join(f"{w['rss_idle_kb'] / 1024:.0f} -> {w['rss_peak_kb'] / 1024:.0f}" for w in r["workers"])
+    print(
+        f"  completed {r['completed']:,}/{r['streams']:,}, errors {r['errors']}, unfinished {r['unfinished']}, "
+        f"added p50/p99 {fmt(lat['p50'], 1)}/{fmt(lat['p99'], 1)} ms, TTFE p50/p99 {fmt(ttfe['p50'])}/"
+        f"{fmt(ttfe['p99'])} ms, workers' RSS MB {workers}, nginx {r['nginx_rss_idle_kb'] / 1024:.0f} -> "
+        f"{r['nginx_rss_peak_kb'] / 1024:.0f} MB, CPU s {r['cpu_s']}, log {r['log_ends']}, nginx said {r['nginx_log']}",
+        flush=True,
     )
 
 
-def machine():
-    model = next(
-        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?"
+def report_s7(runs):
+    rows = []
+    for r in runs:
+        lat, ttfe = r["latency_ms"], r["ttfe_ms"]
+        worker_mb = " / ".join(f"{w['rss_idle_kb'] / 1024:.0f} → {w['rss_peak_kb'] / 1024:.0f}" for w in r["workers"])
+        per_stream = [(w["rss_peak_kb"] - w["rss_idle_kb"]) for w in r["workers"]]
+        cpu = r["cpu_s"]
+        rows.append(
+            [
+                f"{r['completed']:,}/{r['streams']:,}",
+                ", ".join(f"{k}={v}" for k, v in r["errors"].items()) or "none",
+                r["unfinished"],
+                f"{fmt(lat['p50'], 1)} / {fmt(lat['p99'], 1)} / {fmt(lat['max'])}",
+                f"{fmt(ttfe['p50'])} / {fmt(ttfe['p99'])}",
+                worker_mb,
+                fmt(sum(per_stream) / max(1, r["streams"]), 1),
+                f"{r['nginx_rss_idle_kb'] / 1024:.0f} → {r['nginx_rss_peak_kb'] / 1024:.0f}",
+                f"{cpu['service']:.0f} / {cpu['nginx']:.0f} / {cpu['upstream']:.0f} / {r['loadgen_cpu']:.0f}",
+                ", ".join(f"{k} × {v}" for k, v in sorted(r["log_ends"].items())) or "none",
+            ]
+        )
+    header = ["completed", "errors", "unfinished", "added p50 / p99 / max ms", "TTFE p50 / p99 ms"]
+    header += ["RSS per worker MB (idle → peak)", "KB per stream (workers)", "nginx RSS MB (idle → peak)"]
+    header += ["CPU s: service / nginx / upstream / load", "log lines"]
+    text = table(header, rows)
+    for r in runs:
+        settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or "none"
+        changes = "; ".join(f"`{old}` → `{new}`" for old, new in r["nginx_changes"]) or "none"
+        text += f"\n\nBeyond what the README's deploy section sets: settings {settings}; nginx.conf {changes}."
+        if r["nginx_log"]:
+            text += " nginx's error log: " + "; ".join(f"{k} × {v}" for k, v in r["nginx_log"].items()) + "."
+    return text
+
+
+# --- S8: resume -----------------------------------------------------------------------------------
+
+
+def run_s8(subjects, p, options):
+    """Cut streams mid-reply, then resume every one by Last-Event-ID: how soon, how complete, what kept ones cost."""
+    runs = []
+    for subject in subjects:
+        if not subject.startswith("flask"):
+            continue  # the peers and the floor have no resume
+        upstream_args = {"tokens": p["tokens"], "interval": 1 / p["rate"]}
+        timeout = p["ramp"] + p["tokens"] / p["rate"] + 30
+        flags = {"cut_after": p["cut_after"], "pause": p["pause"]}
+        result = measured(options, subject, "S8", upstream_args, p["streams"], p["ramp"], timeout, **flags)
+        resumed = result.get("resumed") or {}
+        result["kb_per_kept_stream"] = (
+            (result["rss_open_kb"] - result["rss_idle_kb"]) / resumed["cut"]
+            if resumed.get("cut") and result["rss_open_kb"]
+            else None
+        )
+        result["expected_events"] = p["streams"] * p["tokens"]
+        result["failed"] = failed(result) or failed_resume(resumed, p["streams"])
+        say(result, f"cut={resumed.get('cut')} resumed={resumed.get('completed')} {result['failed'] or ''}")
+        runs.append(result)
+    return runs
+
+
+def failed_resume(resumed, streams):
+    if not resumed:
+        return "nothing resumed"
+    reasons = [f"{k}={v}" for k, v in resumed["errors"].items()]
+    if resumed["completed"] < streams:
+        reasons.append(f"{resumed['completed']} of {streams} resumed to the end")
+    return "; ".join(reasons) or None
+
+
+def report_s8(runs):
+    rows = []
+    for r in runs:
+        resumed = r.get("resumed") or {"ttfe_ms": {}, "errors": {}}
+        ttfe = resumed["ttfe_ms"]
+        rows.append(
+            [
+                r["subject"],
+                resumed.get("cut", "–"),
+                resumed.get("completed", "–"),
+                ", ".join(f"{k}={v}" for k, v in resumed["errors"].items()) or "none",
+                fmt(ttfe.get("p50"), 1),
+                fmt(ttfe.get("p99"), 1),
+                fmt(ttfe.get("max"), 1),
+                f"{r['events'] + resumed.get('events', 0):,} of {r['expected_events']:,}",
+                fmt(r["rss_idle_kb"] / 1024, 1),
+                fmt(r["rss_open_kb"] / 1024 if r["rss_open_kb"] else None, 1),
+                fmt(r["kb_per_kept_stream"], 1),
+                fmt(r["cpu_s"], 1),
+                f"{r['foreign_core0_pct']:.0f} / {r['foreign_core1_pct']:.0f}",
+                r["failed"] or "ok",
+            ]
+        )
+    header = ["subject", "cut", "resumed to [DONE]", "resume errors", "first resumed event p50 ms", "p99 ms", "max ms"]
+    header += ["content events, before + after the cut", "RSS idle MB", "RSS with the streams kept MB"]
+    header += ["KB per kept stream", "CPU s", "foreign load core 0 / 1 %", "verdict"]
+    return table(header, rows)
+
+
+# --- the scenarios: one entry each ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One scenario: its title (formatted with its parameters), its full and --quick parameters, how it
+    runs (subjects, parameters, Options) -> runs, and how its table reads (runs) -> Markdown."""
+
+    title: str
+    full: dict
+    quick: dict
+    run: Callable
+    report: Callable
+
+    def params(self, options):
+        return self.quick if options.quick else self.full
+
+
+# S5, the same in both: 10,000 tokens are 2.1 MB from the upstream and 430 KB of events per stream, several
+# times what the client's side holds; the scenario stops by itself after `bound` seconds.
+# S7, on this machine's 2 cores (2 workers): room for 5,000 streams per worker, and nginx's for 2 x 5,000
+# connections per nginx worker (the shipped 4096 hold ~2,000 streams each).
+S7_SETTINGS = {"GUNICORN_WORKER_CONNECTIONS": "6000", "CHAT_MAX_STREAMS": "5900"}
+S7_NGINX = [("worker_connections 4096;", "worker_connections 16384;")]
+S5_PARAMS = {"clients": 100, "tokens": 10_000, "bound": 20.0, "settings": STALL_SETTINGS}
+SCENARIOS = {
+    "S1": Scenario(
+        "S1: {c} streams × {tokens} tokens, upstream as fast as it can: relayed events/s",
+        full={"c": 50, "tokens": 2000},
+        quick={"c": 50, "tokens": 500},
+        run=run_s1,
+        report=report_s1,
+    ),
+    "S2": Scenario(
+        "S2: 50 tokens/s per stream ({tokens} tokens), C = {levels}: CPU per event and added latency",
+        full={"levels": [100, 300, 600], "tokens": 500},
+        quick={"levels": [100, 300], "tokens": 150},
+        run=run_s2,
+        report=report_s2,
+    ),
+    "S3": Scenario(
+        "S3: idle streams (one token, then silence), C = {levels}: memory per open stream",
+        full={"levels": [1000, 3000, 10000]},
+        quick={"levels": [1000]},
+        run=run_s3,
+        report=report_s3,
+    ),
+    "S4": Scenario(
+        "S4: cold start: the first request after a fresh start ({reps} repetitions, median)",
+        full={"reps": 5},
+        quick={"reps": 3},
+        run=run_s4,
+        report=report_s4,
+    ),
+    "S5": Scenario(
+        "S5: {clients} clients that never read, upstream as fast as it can ({tokens} tokens): memory, who lets go",
+        full=S5_PARAMS,
+        quick=S5_PARAMS,
+        run=run_s5,
+        report=report_s5,
+    ),
+    "S6": Scenario(
+        "S6: short replies ({tokens} tokens, upstream as fast as it can), {c} in flight for {seconds} s: requests/s",
+        full={"c": 50, "tokens": 20, "seconds": 10},
+        quick={"c": 50, "tokens": 20, "seconds": 5},
+        run=run_s6,
+        report=report_s6,
+    ),
+    # Through nginx, so every stream gets its own client address (limit_conn: 10 per address). What it
+    # needs beyond the README's deploy section is listed here and printed under its table.
+    "S7": Scenario(
+        "S7: {streams} streams ({rate} tokens/s, {seconds} s each, ramped over {ramp} s) through nginx.conf "
+        "to gunicorn.conf.py, on the whole machine",
+        full={"streams": 10_000, "rate": 5, "seconds": 60, "ramp": 20, "settings": S7_SETTINGS, "nginx": S7_NGINX},
+        quick={"streams": 2_000, "rate": 5, "seconds": 20, "ramp": 4, "settings": S7_SETTINGS, "nginx": S7_NGINX},
+        run=run_s7,
+        report=report_s7,
+    ),
+    # Issue 17's resume: each stream is cut after cut_after events, and resumed pause s later.
+    "S8": Scenario(
+        "S8: resume: {streams} streams ({tokens} tokens at {rate}/s) cut after {cut_after} events, "
+        "resumed {pause} s later by Last-Event-ID",
+        full={"streams": 1000, "tokens": 500, "rate": 50, "ramp": 2, "cut_after": 50, "pause": 1.0},
+        quick={"streams": 300, "tokens": 150, "rate": 50, "ramp": 1, "cut_after": 25, "pause": 1.0},
+        run=run_s8,
+        report=report_s8,
+    ),
+}
+
+
+# --- the targets: one entry each ----------------------------------------------------------------
+
+
+def ours(raw, scenario, subject="flask"):
+    """The runs of one subject (ours by default) in one scenario of this run."""
+    return [r for r in raw.get(scenario, []) if r["subject"] == subject]
+
+
+def cpu_at(raw, subject, c):
+    return value_of(raw.get("S2", []), subject, "cpu_us_per_event", c)
+
+
+def s1_versus_express(raw, times):
+    s1, s1_express = ours(raw, "S1"), ours(raw, "S1", "express")
+    if not (s1 and s1_express):
+        return None
+    mine, theirs = s1[0]["events_per_s"], s1_express[0]["events_per_s"]
+    return f"{mine:,.0f} vs {theirs:,.0f} ({mine / theirs:.2f}×)", mine >= times * theirs
+
+
+def s2_versus_floor(raw, times, at):
+    near = [r for r in ours(raw, "S2") if r["concurrency"] in at and cpu_at(raw, FLOOR, r["concurrency"])]
+    if not near:
+        return None
+    cpu = ", ".join(
+        f"{r['cpu_us_per_event']:.1f} vs {cpu_at(raw, FLOOR, r['concurrency']):.1f} µs "
+        f"({r['cpu_us_per_event'] / cpu_at(raw, FLOOR, r['concurrency']):.2f}×) at C={r['concurrency']}"
+        for r in near
     )
-    mem = next(line.split(":", 1)[1].strip() for line in open("/proc/meminfo") if line.startswith("MemTotal"))
-    return f"{os.cpu_count()} cores ({model}), {mem} memory, Linux {platform.release()}"
+    return cpu, all(r["cpu_us_per_event"] <= times * cpu_at(raw, FLOOR, r["concurrency"]) for r in near)
 
 
-def loadavg():
-    return open("/proc/loadavg").read().split()[:3]
+def s2_versus_express(raw):
+    versus = [r for r in ours(raw, "S2") if cpu_at(raw, "express", r["concurrency"])]
+    if not versus:
+        return None
+    cpu = ", ".join(
+        f"{r['cpu_us_per_event']:.1f} vs {cpu_at(raw, 'express', r['concurrency']):.1f} µs at C={r['concurrency']}"
+        for r in versus
+    )
+    return cpu, all(r["cpu_us_per_event"] <= cpu_at(raw, "express", r["concurrency"]) for r in versus)
+
+
+def s2_p99(raw, ms, upto):
+    s2 = ours(raw, "S2")
+    within = [r for r in s2 if r["concurrency"] <= upto]
+    if not within:
+        return None
+    p99 = ", ".join(f"{r['latency_ms']['p99']:.1f} ms at C={r['concurrency']}" for r in s2)
+    return p99, all(not r["failed"] and r["latency_ms"]["p99"] < ms for r in within)
+
+
+def s3_per_stream(raw, kb):
+    s3 = ours(raw, "S3")
+    if not s3:
+        return None
+    text = ", ".join(f"{fmt(r['kb_per_stream'], 1)} at C={r['concurrency']}" for r in s3)
+    return text, all(r["kb_per_stream"] and r["kb_per_stream"] <= kb for r in s3)
+
+
+def s3_streams(raw, streams):
+    s3 = ours(raw, "S3")
+    if not s3:
+        return None
+    top = max(s3, key=lambda r: r["concurrency"])
+    if top["held_open"] == top["concurrency"] < streams:
+        return f"{top['held_open']:,} of {top['concurrency']:,} open", "met, up to this machine's fd limit"
+    return f"{top['held_open']:,} of {top['concurrency']:,} open", top["held_open"] >= streams
+
+
+def s4_first_event(raw, ms):
+    s4 = ours(raw, "S4")
+    if not s4:
+        return None
+    r = s4[0]
+    text = f"{fmt(r['ttfe_ms'], 1)} ms after the port opens ({fmt(r['start_to_event_ms'])} ms after the start)"
+    return text, r["ttfe_ms"] <= ms
+
+
+def s5_memory(raw, kb):
+    s5 = ours(raw, "S5")
+    if not s5:
+        return None
+    r = s5[0]
+    return f"{fmt(r['kb_per_stream'])} KB per stream (RSS peak − before, over {r['accepted']} streams)", (
+        r["kb_per_stream"] <= kb
+    )
+
+
+def s5_let_go(raw, seconds):
+    s5 = ours(raw, "S5")
+    if not s5:
+        return None
+    r = s5[0]
+    go, hold = r["let_go_s"], r["let_go_after_stall_s"]
+    text = f"{r['let_go']} of {r['clients']} let go"
+    if go:
+        text += f", {hold['max']:.1f} s at most after their send queue filled (the last {go['max']:.1f} s in)"
+    if r["let_go"] < r["clients"]:
+        text += f"; {r['clients'] - r['let_go']} still held after {r['duration_s']:.0f} s"
+    return text, r["let_go"] == r["clients"] and hold["max"] <= seconds
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target of the performance budget: its words (formatted with its limits), its limits, and how
+    this run's figures are held against them: measure(raw, **limits) -> (measured, verdict) or None
+    when the run did not measure it (verdict: True for met, False for a gap, or its own words)."""
+
+    text: str
+    limits: dict
+    measure: Callable
+
+    def row(self, raw):
+        measured_here = self.measure(raw, **self.limits)
+        if measured_here is None:
+            return None
+        figures, verdict = measured_here
+        if isinstance(verdict, bool):
+            verdict = "met" if verdict else "gap"
+        return [self.text.format(**self.limits), figures, verdict]
+
+
+def s6_versus_express(raw):
+    s6, s6_express = ours(raw, "S6"), ours(raw, "S6", "express")
+    if not (s6 and s6_express):
+        return None
+    mine, theirs = s6[0]["requests_per_s"], s6_express[0]["requests_per_s"]
+    return f"{mine:,.0f} vs {theirs:,.0f} requests/s ({mine / theirs:.2f}×)", mine >= theirs
+
+
+def s7_scale(raw, streams, ms):
+    s7 = ours(raw, "S7")
+    if not s7:
+        return None
+    r = s7[0]
+    p99 = r["latency_ms"]["p99"]
+    text = f"{r['completed']:,} of {r['streams']:,} complete, {r['error_count']} errors, p99 added {fmt(p99, 1)} ms"
+    return text, r["streams"] >= streams and r["completed"] == r["streams"] and p99 is not None and p99 < ms
+
+
+STALLED_FOR = float(STALL_SETTINGS["CHAT_SEND_TIMEOUT"]) + float(STALL_SETTINGS["CHAT_HEARTBEAT_SECONDS"])
+TARGETS = [
+    Target("S1 events/s ≥ {times}× Express's, same run", {"times": 1.75}, s1_versus_express),
+    Target(
+        "S2 CPU per event ≤ {times}× the floor's at C={at[0]} and C={at[1]}",
+        {"times": 1.3, "at": (100, 300)},
+        s2_versus_floor,
+    ),
+    Target("S2 CPU per event ≤ Express's at every C", {}, s2_versus_express),
+    Target("S2 p99 added latency < {ms} ms up to C={upto}", {"ms": 20, "upto": 400}, s2_p99),
+    Target("S3 ≤ {kb} KB per idle open stream", {"kb": 40}, s3_per_stream),
+    Target("S3 {streams:,} idle streams in one worker", {"streams": 10_000}, s3_streams),
+    Target("S4 first event of the first request after a start ≤ {ms} ms", {"ms": 100}, s4_first_event),
+    Target("S5 stalled clients: memory bounded, ≤ {kb} KB per stream", {"kb": 256}, s5_memory),
+    Target(
+        "S5 every stalled stream let go within CHAT_SEND_TIMEOUT + one heartbeat ({seconds:g} s here)",
+        {"seconds": STALLED_FOR},
+        s5_let_go,
+    ),
+    Target("S6 requests/s ≥ Express's (20-token replies)", {}, s6_versus_express),
+    Target(
+        "S7 all {streams:,} streams complete through nginx, p99 added < {ms} ms",
+        {"streams": 10_000, "ms": 100},
+        s7_scale,
+    ),
+]
+TARGETS_HEADER = ["target (per gevent worker, i.e. per core)", "measured", "verdict"]
+
+
+def report_targets(raw):
+    """Each target of the performance budget beside what this run measured."""
+    return table(TARGETS_HEADER, [row for target in TARGETS if (row := target.row(raw))])
+
+
+def targets_table():
+    """The targets alone, as bench/README.md shows them (`--targets`)."""
+    return table(["target (per gevent worker, i.e. per core)"], [[t.text.format(**t.limits)] for t in TARGETS])
 
 
 # --- main ---------------------------------------------------------------------------------------
 
-SCENARIOS = {"S1": scenario_s1, "S2": scenario_s2, "S3": scenario_s3, "S4": scenario_s4, "S5": scenario_s5}
-TITLES = {
-    "S1": "S1: {c} streams × {tokens} tokens, upstream as fast as it can: relayed events/s",
-    "S2": "S2: 50 tokens/s per stream ({tokens} tokens), C = {levels}: CPU per event and added latency",
-    "S3": "S3: idle streams (one token, then silence), C = {levels}: memory per open stream",
-    "S4": "S4: cold start: the first request after a fresh start ({reps} repetitions, median)",
-    "S5": "S5: {clients} clients that never read, upstream as fast as it can ({tokens} tokens): memory, who lets go",
-}
-REPORTS = {"S1": report_s1, "S2": report_s2, "S3": report_s3, "S4": report_s4, "S5": report_s5}
-PARAMS = {"S1": S1, "S2": S2, "S3": S3, "S4": S4, "S5": S5}
 
-
-def main(argv=None):
+def parse_options(argv):
+    """The command line: (Options, subjects, scenario names, --out, the command as typed)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a ~3.5-minute smoke run")
     parser.add_argument("--subjects", default=",".join([DIRECT, *SUBJECT_NAMES]), help="comma-separated")
@@ -1079,43 +960,59 @@ def main(argv=None):
     parser.add_argument("--out", help="the Markdown report (default: see the module docstring)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per row; the least disturbed is shown")
     parser.add_argument("--profile", action="store_true", help="py-spy the Python subjects (skews their figures)")
-    opts = parser.parse_args(argv)
-    subjects = [s.strip() for s in opts.subjects.split(",") if s.strip()]
-    scenarios = [s.strip().upper() for s in opts.scenarios.split(",") if s.strip()]
-    unknown = set(subjects) - {DIRECT, *SUBJECT_NAMES} | set(scenarios) - set(SCENARIOS)
+    parser.add_argument("--targets", action="store_true", help="print the targets table and stop")
+    args = parser.parse_args(argv)
+    subjects = [s.strip() for s in args.subjects.split(",") if s.strip()]
+    scenarios = [s.strip().upper() for s in args.scenarios.split(",") if s.strip()]
+    known = {DIRECT, *SUBJECT_NAMES}
+    unknown = {s for s in subjects if s not in known and not s.startswith("flask@")} | set(scenarios) - set(SCENARIOS)
     if unknown:
         parser.error(f"unknown: {', '.join(sorted(unknown))}")
-    mode = "quick" if opts.quick else "full"
-    global PROFILE, REPEAT
-    PROFILE, REPEAT = opts.profile, max(1, opts.repeat)
+    options = Options(quick=args.quick, repeat=max(1, args.repeat), profile=args.profile)
     everything = set(subjects) >= set(SUBJECT_NAMES) and set(scenarios) == set(SCENARIOS)
-    complete = everything and not opts.quick and not opts.profile
-    out = Path(opts.out) if opts.out else (BENCH / "results.md" if complete else LOGS / "last.md")
+    complete = everything and not args.quick and not args.profile
+    out = Path(args.out) if args.out else (BENCH / "results.md" if complete else LOGS / "last.md")
+    command = "python3 bench/run.py" + "".join(f" {shlex.quote(a)}" for a in (argv or sys.argv[1:]))
+    return args, options, subjects, scenarios, out, command
 
+
+def main(argv=None):
+    args, options, subjects, scenarios, out, command = parse_options(argv)
+    if args.targets:
+        print(targets_table())
+        return
     os.sched_setaffinity(0, {int(HARNESS_CORE)})  # this script and the harness: core 0
     LOGS.mkdir(exist_ok=True)
     ensure_deps()
     fds = raise_fd_limit()
-    command = "python3 bench/run.py" + "".join(f" {shlex.quote(a)}" for a in (argv or sys.argv[1:]))
     print(f"+ {command}  (fd limit {fds}; load average {' '.join(loadavg())})", flush=True)
 
     started, sections, raw = time.time(), [], {}
     for name in scenarios:
-        title = TITLES[name].format(**PARAMS[name][mode])
+        scenario = SCENARIOS[name]
+        params = scenario.params(options)
+        title = scenario.title.format(**params)
         before = loadavg()
         print(f"\n{title}", flush=True)
-        runs = SCENARIOS[name](subjects, mode)
-        raw[name] = runs
-        text = REPORTS[name](runs)
+        raw[name] = runs = scenario.run(subjects, params, options)
+        text = scenario.report(runs)
         print(text, flush=True)
         loads = f"Load average before / after: {' '.join(before)} / {' '.join(loadavg())}"
         sections.append(f"## {title}\n\n{loads}\n\n{text}")
 
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     (LOGS / f"raw-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(raw, indent=1))
-    header = (
+    if "flask" in subjects:
+        sections.insert(0, f"## Targets: ours against the performance budget\n\n{report_targets(raw)}")
+    report = report_header(command, options, time.time() - started) + "\n" + "\n\n".join(sections) + "\n"
+    out.write_text(report)
+    print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}", flush=True)
+
+
+def report_header(command, options, seconds):
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    return (
         f"# Benchmark results\n\n"
-        f"Run {stamp}, {time.time() - started:.0f} s, with:\n\n    {command}\n\n"
+        f"Run {stamp}, {seconds:.0f} s, with:\n\n    {command}\n\n"
         f"Machine: {machine()}.\n\n{versions()}\n\n"
         "Each subject on core 1 (`taskset -c 1`), alone; the fake upstream and the load generator on core 0. "
         '"added" latency is receive time minus the upstream\'s send time of each token; TTFE is from the '
@@ -1125,13 +1022,9 @@ def main(argv=None):
         '"upstream" is the load generator straight against the fake upstream: the harness\'s own ceiling; '
         '"floor" is bench/floor.py, a bare gevent relay doing the same per-event work with no gunicorn, Flask '
         "or SDK: the least Python + gevent can cost here. "
-        f"Each row of S1-S3: the least disturbed of {REPEAT} run(s) (all of them in bench/results/raw-*.json).\n"
+        f"Each row of S1-S3: the least disturbed of {options.repeat} run(s) "
+        "(all of them in bench/results/raw-*.json).\n"
     )
-    if "flask" in subjects:
-        sections.insert(0, f"## Targets: ours against the performance budget\n\n{report_targets(raw)}")
-    report = header + "\n" + "\n\n".join(sections) + "\n"
-    out.write_text(report)
-    print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}", flush=True)
 
 
 if __name__ == "__main__":
