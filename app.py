@@ -463,7 +463,9 @@ def relay(upstream, events, client, config, stream_id, model, requested_at, watc
             upstream.api,
         )
         if watch:
-            watch.ended(outcome, error or upstream.finish_reason, first, duration, usage, sum(counts.values()))
+            watch.ended(
+                outcome, error or upstream.finish_reason, first, duration, usage, sum(counts.values()), upstream.api
+            )
 
 
 def nearest_deadline(config, requested_at, last_output, answering):

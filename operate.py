@@ -61,9 +61,9 @@ class Metrics:
         )  # livesum: the live workers' figures added up; an exited worker's are dropped (gunicorn.conf.py)
         self.streams_ended = Counter(
             "chat_streams_ended",
-            "Streams ended, by outcome (as the stream's log line says) and code (the error event's, or the"
-            " finish_reason of a complete reply).",
-            ["outcome", "code"],
+            "Streams ended, by outcome (as the stream's log line says), code (the error event's, or the"
+            " finish_reason of a complete reply) and api (the upstream's: chat or responses).",
+            ["outcome", "code", "api"],
             registry=registry,
         )
         self.first_reasoning = Histogram(
@@ -105,10 +105,10 @@ class Metrics:
     def opened(self, stream_id):
         self.open_streams.inc()
 
-    def ended(self, outcome, code, first, duration, usage, events):
+    def ended(self, outcome, code, first, duration, usage, events, api="chat"):
         """Count one stream that ended: the relay calls this once, from its `finally`."""
         self.open_streams.dec()
-        self.streams_ended.labels(outcome, code or "").inc()
+        self.streams_ended.labels(outcome, code or "", api).inc()
         if "reasoning" in first:
             self.first_reasoning.observe(first["reasoning"])
         if "content" in first:
@@ -229,7 +229,7 @@ class DiagnosticStream:
     def close(self):
         pass
 
-    def ended(self, outcome, code, first, duration, usage, events):
+    def ended(self, outcome, code, first, duration, usage, events, api="diagnostic"):
         save_record({"id": self.id, "end": outcome, "duration": round(duration, 3), "pid": os.getpid()})
 
 

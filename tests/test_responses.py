@@ -7,6 +7,7 @@ checks its events against those types); the service's own wire and page stay as 
 import json
 import re
 import time
+from urllib.request import urlopen
 
 import pytest
 
@@ -41,6 +42,7 @@ def responses_gunicorn(fake_upstream_server, tmp_path_factory):
         "CHAT_MODELS": "gpt-test,gpt-mini,gpt-unverified",
         "CHAT_EXTRA_BODY": '{"service_tier": "flex"}',
         "CHAT_MAX_OUTPUT_TOKENS": "500",
+        "CHAT_METRICS": "1",
     }
     with Gunicorns(tmp_path_factory, fake_upstream_server.url) as gunicorns:
         yield gunicorns.start(env, name="responses")
@@ -156,6 +158,8 @@ def test_summaries_content_and_usage_arrive_as_our_events(responses_gunicorn, up
     assert "reader=socket" in line  # the fast path's tripwire, for this dialect too
     assert "api=responses" in line
     assert "tokens=5 reasoning=3" in line
+    metrics = urlopen(responses_gunicorn.url + "/metrics").read().decode()
+    assert re.search(r'chat_streams_ended_total\{api="responses",code="stop",outcome="done"\} [1-9]', metrics)
 
 
 def test_vllms_reasoning_text_is_reasoning_and_a_refusal_is_shown(responses_gunicorn, upstream):
