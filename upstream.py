@@ -1,17 +1,18 @@
 """The model's side of a stream: one Upstream per worker, which sends the request and reads the reply.
 
     upstream = Upstream(config)                   # its SDK clients, or the demo model; made once per worker
-    stream = upstream.open(model, messages)       # raises an SDK error (see refusal()) or ClientLeft
+    stream = upstream.open(model, messages)       # raises Unsupported, ClientLeft or an SDK error (refusal())
     stream.read(timeout)                          # [(kind, text), ...]: what came within `timeout` seconds
 
-The openai SDK makes the request (auth, base URL, typed errors before the first byte); Upstream.open
-sends it again only when nothing was paid for, and refusal() maps every failure in one table. The
-reply's bytes are then read below the SDK, in small pieces that each do one thing:
+The openai SDK makes the request (auth, base URL, typed errors before the first byte), to the API that
+CHAT_UPSTREAM_API names; Upstream.open sends it again only when nothing was paid for, and refusal()
+maps every failure in one table. The reply's bytes are then read below the SDK, in small pieces that
+each do one thing:
 
     SocketBody or HttpxBody   move the bytes: off the connection's socket (the fast path), or through httpx
     ChunkedDecoder            undoes HTTP/1.1 chunked framing, for the socket path
     LineSplitter              cuts the body into SSE lines, none longer than MAX_LINE_BYTES
-    ChatChunks                a dialect: turns `data:` lines into deltas, a finish reason and usage
+    ChatChunks, ResponsesEvents   the two dialects: `data:` lines into deltas, a finish reason and usage
 
 ModelStream puts them together. It and DemoStream offer what a relay needs: read(timeout) returns the
 (kind, text) deltas that arrived within `timeout` seconds ([] if none did), kind being "content" or

@@ -69,8 +69,8 @@ class Received:
     sent: list = field(default_factory=list)  # monotonic time each token was written
 
 
-class ClientGone(Exception):
-    pass
+class ClientLeft(Exception):
+    """The service hung up on the fake upstream (as upstream.ClientLeft is the browser hanging up on the service)."""
 
 
 class FakeUpstreamHandler(BaseHTTPRequestHandler):
@@ -99,7 +99,7 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
                     self.send_responses_stream(script, received)
             else:
                 self.send_stream(script, received)
-        except ClientGone:
+        except ClientLeft:
             received.hung_up_at = time.monotonic()
             received.hung_up.set()
             self.close_connection = True
@@ -193,9 +193,9 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
         while (left := deadline - time.monotonic()) > 0:
             readable, _, _ = select.select([self.connection], [], [], left)
             if readable and self.client_closed():
-                raise ClientGone
+                raise ClientLeft
         if self.client_closed():
-            raise ClientGone
+            raise ClientLeft
 
     def client_closed(self):
         """True when the client sent FIN (EOF) or RST (a close with unread data in its buffer)."""
@@ -216,7 +216,7 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
             self.wfile.flush()
         except OSError:
-            raise ClientGone from None
+            raise ClientLeft from None
 
     def end_chunks(self):
         if self.body is not None:
@@ -228,7 +228,7 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
         except OSError:
-            raise ClientGone from None
+            raise ClientLeft from None
 
 
 def refused_reasoning(script, body):
