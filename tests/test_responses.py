@@ -137,6 +137,14 @@ def test_a_refused_reasoning_is_dropped_once_and_remembered(
     assert wait_for(lambda: f"upstream refuses reasoning.{refused} for {model}" in responses_gunicorn.log())
 
 
+@pytest.mark.parametrize("status, code", [(429, "rate_limited"), (401, "upstream_auth"), (404, "model_not_found")])
+def test_a_refusal_before_the_stream_is_an_http_status_as_with_chat(responses_gunicorn, upstream, status, code):
+    upstream.reset(status=status, error_message="no")
+    reply = post_chat(responses_gunicorn.url, HI)
+
+    assert (reply.status, json.loads(reply.raw)["error"]["code"]) == (429 if status == 429 else 502, code)
+
+
 # --- The stream, mapped -------------------------------------------------------------------------------
 
 
