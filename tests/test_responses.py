@@ -11,9 +11,11 @@ from urllib.request import urlopen
 
 import pytest
 
+from app import DEFAULTS
 from browser import fresh_page
 from chat_client import hang_up, open_chat, post_chat
 from live_servers import FAST_LIFECYCLE, Gunicorns, healthz, stream_log_lines, wait_for
+from upstream import Upstream
 
 try:
     from playwright.sync_api import expect
@@ -143,6 +145,21 @@ def test_a_refusal_before_the_stream_is_an_http_status_as_with_chat(responses_gu
     reply = post_chat(responses_gunicorn.url, HI)
 
     assert (reply.status, json.loads(reply.raw)["error"]["code"]) == (429 if status == 429 else 502, code)
+
+
+@pytest.mark.parametrize(
+    "settings, effort, reasoning, store",
+    [
+        ({"CHAT_REASONING_SUMMARY": "off"}, None, None, False),
+        ({"CHAT_REASONING_SUMMARY": "off"}, "low", {"effort": "low"}, False),
+        ({"CHAT_REASONING_SUMMARY": "detailed", "CHAT_RESPONSES_STORE": "1"}, None, {"summary": "detailed"}, True),
+    ],
+)
+def test_the_settings_decide_reasoning_and_store(settings, effort, reasoning, store):
+    config = {**DEFAULTS, "OPENAI_BASE_URL": "http://127.0.0.1:9/v1", "CHAT_UPSTREAM_API": "responses", **settings}
+    params = {"reasoning_effort": effort} if effort else {}
+    body = Upstream(config).responses_body("m", HI["messages"], params, 100)
+    assert (body.get("reasoning"), body["store"]) == (reasoning, store)
 
 
 # --- The stream, mapped -------------------------------------------------------------------------------
