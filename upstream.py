@@ -270,7 +270,7 @@ def refusal(exc, model):
     if key == 400 and (CONTEXT_WORDS.search(said) or "context_length" in str(exc.body)):
         status, code, message = TOO_LONG
     if message is None:  # the upstream's own words: never a format string
-        message = PROXY_PREFIX.sub("", said)[:500] or "The model rejected the request."
+        message = PROXY_PREFIX.sub("", said) or "The model rejected the request."
     else:
         message = message.format(model=model[:100])
     headers = {}
@@ -282,7 +282,7 @@ def refusal(exc, model):
         code,
         getattr(exc, "status_code", type(exc).__name__),
         getattr(exc, "request_id", None),
-        said[:300],
+        said,  # app.py redacts every value in the log, then cuts it
     )
     return status, code, message, headers
 
@@ -562,7 +562,7 @@ class ChatChunks:
         if chunk.get("error"):
             error = chunk["error"]
             detail = error.get("message") if isinstance(error, dict) else error
-            raise UpstreamError("The model stopped with an error.", "upstream_error", str(detail)[:300])
+            raise UpstreamError("The model stopped with an error.", "upstream_error", str(detail))
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
         for choice in chunk.get("choices") or ():  # the usage chunk has no choices
