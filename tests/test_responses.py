@@ -169,16 +169,15 @@ def test_summaries_content_and_usage_arrive_as_our_events(responses_gunicorn, up
     upstream.reset(summary_parts=[["First ", "thought."], ["Second."]], tokens=["Hel", "lo"])
     reply = post_chat(responses_gunicorn.url, HI)
 
-    assert reply.raw == (
-        b": ok\n"
-        b'data: {"content": "", "reasoning": "First "}\n\n'
-        b'data: {"content": "", "reasoning": "thought."}\n\n'
-        b'data: {"content": "", "reasoning": "\\n\\nSecond."}\n\n'
-        b'data: {"content": "Hel"}\n\n'
-        b'data: {"content": "lo"}\n\n'
-        b'data: {"content": "", "finish_reason": "stop", "usage": ' + json.dumps(USAGE).encode() + b"}\n\n"
-        b"data: [DONE]\n\n"
-    )
+    assert reply.data == [
+        {"content": "", "reasoning": "First "},
+        {"content": "", "reasoning": "thought."},
+        {"content": "", "reasoning": "\n\nSecond."},  # a new summary part: a paragraph of its own
+        {"content": "Hel"},
+        {"content": "lo"},
+        {"content": "", "finish_reason": "stop", "usage": USAGE},
+        "[DONE]",
+    ]
     line = line_of(responses_gunicorn, reply)
     assert "reader=socket" in line  # the fast path's tripwire, for this dialect too
     assert "api=responses" in line
