@@ -38,9 +38,10 @@ log = logging.getLogger("chat")
 
 
 class UpstreamError(Exception):
-    """The upstream failed after the stream began: `error_code` goes on the wire, the message to the user.
+    """The upstream failed after the stream began: UpstreamError(sentence, error_code, detail="").
 
-    `detail` is what the upstream said, for the log only.
+    The error event carries both: `error` the sentence, for the user, and `code` the error_code
+    ("upstream_cut"), for programs. `detail` is what the upstream said, for the log only.
     """
 
     def __init__(self, message, error_code, detail=""):
