@@ -67,9 +67,9 @@ class Metrics:
         )  # livesum: the live workers' figures added up; an exited worker's are dropped (gunicorn.conf.py)
         self.streams_ended = Counter(
             "chat_streams_ended",
-            "Streams ended, by outcome (as the stream's log line says) and code (the error event's, or the"
-            " finish_reason of a complete reply).",
-            ["outcome", "code"],
+            "Streams ended, by outcome (as the stream's log line says), code (the error event's, or the"
+            " finish_reason of a complete reply) and api (the upstream's: chat or responses).",
+            ["outcome", "code", "api"],
             registry=registry,
         )
         self.first_reasoning = Histogram(
@@ -117,12 +117,12 @@ class Metrics:
     def opened(self, stream_id):
         self.open_streams.inc()
 
-    def ended(self, outcome, code, first, duration, usage, deltas):
+    def ended(self, outcome, code, first, duration, usage, deltas, api="chat"):
         """Count one stream that ended: the relay calls this once, from its `finally`."""
         self.open_streams.dec()
         if code and outcome not in ERROR_OUTCOMES and code not in FINISH_REASONS:
             code = "other"
-        self.streams_ended.labels(outcome, code or "").inc()
+        self.streams_ended.labels(outcome, code or "", api).inc()
         if "reasoning" in first:
             self.first_reasoning.observe(first["reasoning"])
         if "content" in first:
@@ -201,7 +201,7 @@ class DiagnosticStream(ScriptedStream):
     stream ends, how is recorded for `report`.
     """
 
-    reader = "diagnostic"
+    reader = api = "diagnostic"
 
     def __init__(self, silence, heartbeat):
         super().__init__()
@@ -218,7 +218,7 @@ class DiagnosticStream(ScriptedStream):
         # A chat client shows each as a line of JSON.
         self.steps.extend((due, "content", json.dumps(payload) + "\n") for due, payload in script)
 
-    def ended(self, outcome, code, first, duration, usage, deltas):
+    def ended(self, outcome, code, first, duration, usage, deltas, api="diagnostic"):
         save_record({"id": self.id, "end": outcome, "duration": round(duration, 3), "pid": os.getpid()})
 
     def release(self):

@@ -380,8 +380,8 @@ def test_metrics_add_up_across_two_workers(metrics_gunicorn, upstream):
 
     done = sent + 4
     added = {
-        ("chat_streams_ended_total", (("code", "stop"), ("outcome", "done"))): done,
-        ("chat_streams_ended_total", (("code", "upstream_cut"), ("outcome", "error"))): 1,
+        ("chat_streams_ended_total", (("api", "chat"), ("code", "stop"), ("outcome", "done"))): done,
+        ("chat_streams_ended_total", (("api", "chat"), ("code", "upstream_cut"), ("outcome", "error"))): 1,
         ("chat_time_to_first_content_seconds_count", ()): done + 1,
         ("chat_time_to_first_reasoning_seconds_count", ()): 4,
         ("chat_stream_duration_seconds_count", ()): done + 1,
@@ -483,7 +483,7 @@ def test_with_metrics_off_prometheus_client_is_never_imported(setting, status, i
     first, _, rest = result.stdout.partition("\n")
     assert first == f"{status} {imported}"
     if imported:
-        assert 'chat_streams_ended_total{code="stop",outcome="done"} 1.0' in rest
+        assert 'chat_streams_ended_total{api="demo",code="stop",outcome="done"} 1.0' in rest  # the demo model
         assert 'chat_request_errors_total{code="invalid_request",status="400"} 1.0' in rest
 
 
