@@ -344,7 +344,8 @@ def diagnostic_ends(server):
 
 
 def records(directory, prefix="diagnostic-"):
-    return [path for path in directory.iterdir() if path.name.startswith(prefix)]
+    """The record files in `directory` (not the ones being written: those are renamed over a record)."""
+    return [path for path in directory.iterdir() if path.name.startswith(prefix) and path.suffix == ".json"]
 
 
 def flood(server, until, seconds, pause=0.0):
