@@ -34,16 +34,7 @@ from greenlet import GreenletExit  # how gevent stops a stream that outlives the
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from protocols import EventStream, UIMessageStream, check_content, is_text, native_body
-from upstream import (
-    SOCKET_BUFFER,
-    ClientLeft,
-    DemoStream,
-    StreamTimeout,
-    UpstreamError,
-    make_openai_clients,
-    open_upstream,
-    refusal,
-)
+from upstream import SOCKET_BUFFER, ClientLeft, StreamTimeout, Upstream, UpstreamError, refusal, uses_demo
 
 log = logging.getLogger("chat")
 
@@ -171,11 +162,6 @@ def allowed_models(config):
     return comma_list(config["CHAT_MODELS"]) or [config["CHAT_MODEL"]]
 
 
-def uses_demo(config):
-    """Tell whether the built-in demo model answers: no key and no server to talk to."""
-    return not config["OPENAI_API_KEY"] and not config["OPENAI_BASE_URL"]
-
-
 # --- The request: validate, open the upstream, return the stream ---------------------------------
 
 # The page's files get their own URL path: an app's /static would shadow an unprefixed blueprint's.
@@ -227,10 +213,7 @@ def stream_reply(config, model, messages, params, events):
     requested_at = time.monotonic()
     client = Client.of_request(config)
     try:
-        if uses_demo(config):
-            upstream = DemoStream(messages, config["CHAT_DEMO_WORD_SECONDS"])
-        else:
-            upstream = open_upstream(worker, config, model, messages, params, client)
+        upstream = worker.upstream.open(model, messages, params, client.has_left)
     except (openai.OpenAIError, ClientLeft) as exc:
         worker.slots.release()
         refused = ApiError(*refusal(exc, model))
@@ -454,7 +437,7 @@ def relay(upstream, events, client, config, stream_id, model, requested_at, watc
     except Exception as exc:  # never BaseException: GeneratorExit must pass through to `finally`
         outcome = "timeout" if isinstance(exc, StreamTimeout) else "error"
         if isinstance(exc, UpstreamError):
-            error, message = exc.code, str(exc)
+            error, message = exc.error_code, str(exc)
             log.warning("stream %s failed: %s %s", stream_id, error, exc.detail)
         else:  # a bug of ours, not the upstream's
             error, message = "relay_error", "The reply failed."
@@ -582,18 +565,11 @@ class Client:
 
 
 class WorkerState:
-    """What one worker process keeps for an app: its SDK clients and its count of open streams."""
+    """What one worker process keeps for an app: its way to the model and its count of open streams."""
 
     def __init__(self, config):
         self.slots = StreamSlots(config["CHAT_MAX_STREAMS"])
-        self.sdk_clients = [] if uses_demo(config) else make_openai_clients(config)
-        self.turn = 0
-        self.stream_usage = config["CHAT_STREAM_USAGE"] != "off"  # auto turns it off when a server refuses it
-
-    def next_sdk_client(self):
-        """Take the SDK clients in turn: one pool for thousands of streams would cost O(streams) per stream."""
-        self.turn = (self.turn + 1) % len(self.sdk_clients)
-        return self.sdk_clients[self.turn]
+        self.upstream = Upstream(config)  # its SDK clients (or the demo model), made after the fork
 
 
 def worker_state(app):
@@ -829,8 +805,5 @@ def create_app(config=None):
     app.config.update(config or {})
     app.register_blueprint(chat)
     app.after_request(forbid_sniffing)  # the app's own responses too (a 404 outside the blueprint's URLs)
-    # Make the SDK clients now, and let the SDK import the parts it loads on first use: the first
-    # request would otherwise wait ~50 ms for both.
-    for sdk_client in worker_state(app).sdk_clients[:1]:
-        sdk_client.chat.completions.with_streaming_response  # noqa: B018 (the access is the point)
+    worker_state(app).upstream.warm_up()  # the SDK clients now, not on the first request (~50 ms)
     return app
