@@ -1,7 +1,8 @@
 """Fixtures: which real servers a test gets, and for how long. What they are lives in fake_upstream.py,
-live_servers.py (gunicorn), nginx_server.py and browser.py; chat_client.py is the streaming client."""
+live_servers.py (gunicorn), nginx_server.py, redis_server.py and browser.py; chat_client.py is the streaming client."""
 
 import shutil
+import subprocess
 
 import pytest
 
@@ -9,6 +10,7 @@ from browser import fresh_page, running_chromium
 from fake_upstream import running_fake_upstream
 from live_servers import FAST_LIFECYCLE, ROOT, Gunicorns, unavailable
 from nginx_server import Nginxes
+from redis_server import Redises
 
 
 @pytest.fixture(scope="session")
@@ -57,6 +59,27 @@ def start_nginx(tmp_path_factory):
     """`start(name, app_servers, replace)` starts an nginx of the test's own (see `Nginxes.start`)."""
     with Nginxes(tmp_path_factory) as nginxes:
         yield nginxes.start
+
+
+@pytest.fixture
+def start_redis(tmp_path_factory):
+    """`start(name)` starts a redis-server of the test's own (see `Redises.start`); it has `redis_url`."""
+    with Redises(tmp_path_factory) as redises:
+        yield redises.start
+
+
+@pytest.fixture(scope="session")
+def certificate(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1, made with openssl: (certificate, key)."""
+    if shutil.which("openssl") is None:
+        unavailable("openssl is not installed (apt-get install openssl; .ci/run does)")
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    command = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    command += ["-keyout", key, "-out", cert, "-days", "30", "-subj", "/CN=127.0.0.1"]
+    command += ["-addext", "subjectAltName=IP:127.0.0.1"]
+    subprocess.run(command, check=True, capture_output=True, timeout=30)
+    return cert, key
 
 
 @pytest.fixture(scope="session")
