@@ -173,7 +173,8 @@ def check_settings(config):
     """Raise SettingError, naming the setting, for a value out of range or of the wrong type."""
     for key, (check, must_be) in SETTING_RULES.items():
         if not check(config[key]):
-            shown = "" if key.endswith(("_KEY", "_TOKEN")) else f", not {config[key]!r}"
+            secret = key.endswith(("_KEY", "_TOKEN", "_URL"))  # a URL may hold a password (redis://:pw@host)
+            shown = "" if secret else f", not {config[key]!r}"
             raise SettingError(f"{key} must be {must_be}{shown}.")
     if config["CHAT_MODEL"] not in allowed_models(config):
         raise SettingError(f"CHAT_MODEL={config['CHAT_MODEL']!r} must be one of CHAT_MODELS ({config['CHAT_MODELS']}).")
