@@ -189,7 +189,8 @@ def test_an_abort_in_a_silence_closes_the_upstream(kind, proxies, abort_app, cer
 
 def resumed(server, certificate, upstream):
     """A chat through `server`, then its resume (GET /api/chat/<stream id>, with the owner's cookie): both replies."""
-    upstream.reset(tokens=[f"t{i} " for i in range(5)], delay=0.02)
+    # Over 512 bytes: a replay sent in one read is what Caddy's default `encode` types would compress.
+    upstream.reset(tokens=[f"t{i} " for i in range(40)], delay=0.005)
     first = post(server, certificate)
     cookie = first.headers["Set-Cookie"].split(";")[0]
     path = f"/api/chat/{first.headers['X-Stream-Id']}"
@@ -204,6 +205,15 @@ def test_a_resume_takes_the_stream_path(proxy, certificate, upstream):
     assert again.status == 200, again.raw
     assert "Content-Encoding" not in again.headers
     assert again.data == first.data
+
+
+def test_caddy_still_compresses_the_page(proxies, stream_app, certificate):
+    """The README's Caddy lists the types `encode` takes (its default text/* would take the stream in):
+    the page's own files are still gzipped."""
+    server = start(proxies, "caddy", "caddy-page", stream_app, certificate)
+    for path in ("/chat-static/chat.js", "/chat-static/chat.css"):
+        reply = post(server, certificate, body=None, path=path, headers={"Accept-Encoding": "gzip"})
+        assert (reply.status, reply.headers.get("Content-Encoding")) == (200, "gzip"), path
 
 
 def test_metrics_only_from_this_machine(proxy, certificate):
