@@ -34,16 +34,7 @@ from greenlet import GreenletExit  # how gevent stops a stream that outlives the
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from protocols import EventStream, UIMessageStream, check_content, is_text, native_body
-from upstream import (
-    SOCKET_BUFFER,
-    ClientLeft,
-    DemoStream,
-    StreamTimeout,
-    UpstreamError,
-    make_openai_clients,
-    open_upstream,
-    refusal,
-)
+from upstream import SOCKET_BUFFER, ClientLeft, StreamTimeout, Upstream, UpstreamError, refusal, uses_demo
 
 log = logging.getLogger("chat")
 
@@ -144,6 +135,21 @@ def check_settings(config):
             raise SettingError(f"{key} must be {must_be}{shown}.")
     if config["CHAT_MODEL"] not in allowed_models(config):
         raise SettingError(f"CHAT_MODEL={config['CHAT_MODEL']!r} must be one of CHAT_MODELS ({config['CHAT_MODELS']}).")
+    check_origins(comma_list(config["CHAT_CORS_ORIGINS"]))
+
+
+ORIGIN = re.compile(r"https?://[^/?#@\s]+")  # what a browser sends in Origin: scheme, host and port, no path
+
+
+def check_origins(origins):
+    """Raise SettingError for a CORS origin that lets in more than it says, or never matches anything."""
+    for origin in origins:
+        if origin.lower() == "null":  # sandboxed iframes, local files and some redirects: anyone can be one
+            raise SettingError("CHAT_CORS_ORIGINS must not list null: any site can send Origin: null.")
+        if origin == "*" and len(origins) > 1:
+            raise SettingError("CHAT_CORS_ORIGINS must be * (every site, without credentials) or origins, not both.")
+        if origin != "*" and not ORIGIN.fullmatch(origin):
+            raise SettingError(f"CHAT_CORS_ORIGINS must list origins such as https://app.example, not {origin!r}.")
 
 
 def comma_list(value):
@@ -154,11 +160,6 @@ def comma_list(value):
 def allowed_models(config):
     """Return the models a request may name: CHAT_MODELS, or just CHAT_MODEL."""
     return comma_list(config["CHAT_MODELS"]) or [config["CHAT_MODEL"]]
-
-
-def uses_demo(config):
-    """Tell whether the built-in demo model answers: no key and no server to talk to."""
-    return not config["OPENAI_API_KEY"] and not config["OPENAI_BASE_URL"]
 
 
 # --- The request: validate, open the upstream, return the stream ---------------------------------
@@ -183,6 +184,7 @@ def chat_reply():
     config = current_app.config
     check_token(config["CHAT_API_TOKEN"])
     if "diagnostic" in request.args:  # `flask doctor`'s stream: at the chat's URL, so it takes the chat's proxy path
+        require_json()  # or any site could open diagnostic streams from its visitors' browsers, with a form
         import operate
 
         return operate.diagnostic(request.args, config, relay_diagnostic)
@@ -211,10 +213,7 @@ def stream_reply(config, model, messages, params, events):
     requested_at = time.monotonic()
     client = Client.of_request(config)
     try:
-        if uses_demo(config):
-            upstream = DemoStream(messages, config["CHAT_DEMO_WORD_SECONDS"])
-        else:
-            upstream = open_upstream(worker, config, model, messages, params, client)
+        upstream = worker.upstream.open(model, messages, params, client.has_left)
     except (openai.OpenAIError, ClientLeft) as exc:
         worker.slots.release()
         refused = ApiError(*refusal(exc, model))
@@ -279,10 +278,16 @@ class BodyTimeout(Exception):
     """The request's body took longer than CHAT_BODY_TIMEOUT to arrive."""
 
 
-def read_json(config):
-    """Return the request's JSON body, or raise ApiError: not JSON, too large, not UTF-8, too deep."""
+def require_json():
+    """Refuse a body that is not JSON. A page on another site can POST a form or text/plain here unasked;
+    JSON needs a CORS preflight first, which only CHAT_CORS_ORIGINS pass."""
     if request.mimetype != "application/json":
         raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json.")
+
+
+def read_json(config):
+    """Return the request's JSON body, or raise ApiError: not JSON, too large, not UTF-8, too deep."""
+    require_json()
     limit = request.max_content_length = config["CHAT_MAX_BODY_BYTES"]
     # A body that trickles in would hold its connection for good: under gevent, cut it at a total time.
     allowed = config["CHAT_BODY_TIMEOUT"] if is_module_patched("socket") else None  # None: no timer at all
@@ -432,7 +437,7 @@ def relay(upstream, events, client, config, stream_id, model, requested_at, watc
     except Exception as exc:  # never BaseException: GeneratorExit must pass through to `finally`
         outcome = "timeout" if isinstance(exc, StreamTimeout) else "error"
         if isinstance(exc, UpstreamError):
-            error, message = exc.code, str(exc)
+            error, message = exc.error_code, str(exc)
             log.warning("stream %s failed: %s %s", stream_id, error, exc.detail)
         else:  # a bug of ours, not the upstream's
             error, message = "relay_error", "The reply failed."
@@ -560,18 +565,11 @@ class Client:
 
 
 class WorkerState:
-    """What one worker process keeps for an app: its SDK clients and its count of open streams."""
+    """What one worker process keeps for an app: its way to the model and its count of open streams."""
 
     def __init__(self, config):
         self.slots = StreamSlots(config["CHAT_MAX_STREAMS"])
-        self.sdk_clients = [] if uses_demo(config) else make_openai_clients(config)
-        self.turn = 0
-        self.stream_usage = config["CHAT_STREAM_USAGE"] != "off"  # auto turns it off when a server refuses it
-
-    def next_sdk_client(self):
-        """Take the SDK clients in turn: one pool for thousands of streams would cost O(streams) per stream."""
-        self.turn = (self.turn + 1) % len(self.sdk_clients)
-        return self.sdk_clients[self.turn]
+        self.upstream = Upstream(config)  # its SDK clients (or the demo model), made after the fork
 
 
 def worker_state(app):
@@ -616,28 +614,65 @@ def error_response(exc):
     headers = getattr(exc, "headers", None) or {}
     if meter := metrics(current_app.config):
         meter.refused_before_stream(exc.code, code)
+    message = from_outside(exc.description, SHOWN_CHARACTERS)  # an upstream's 400 is passed on in its own words
     if request.path.endswith("/api/ui-chat"):
-        return Response(redact(exc.description), exc.code, headers, mimetype="text/plain")
-    return jsonify(error={"message": redact(exc.description), "code": code}), exc.code, headers
+        return Response(message, exc.code, headers, mimetype="text/plain")
+    return jsonify(error={"message": message, "code": code}), exc.code, headers
 
+
+# --- Text from outside (an upstream's errors, a client's values), on its way to a client or the log ---
 
 KEY_LIKE = re.compile(r"\bsk-[A-Za-z0-9_-]{6,}|\b[Bb]earer\s+[A-Za-z0-9._~+/=-]{6,}")
-secrets = set()  # the configured key and token, added when the blueprint is registered
+SHORTEST_PIECE = 8  # a piece of a configured secret this long, at either end of it, is redacted too
+secrets = {}  # the configured key and token -> a pattern of their pieces; added when the blueprint is registered
+SHOWN_CHARACTERS, LOGGED_CHARACTERS = 500, 300  # of one value from outside, to a client and into the log
+READ_CHARACTERS = 4000  # what lies past this in one value is never shown, so it is not searched either
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # line breaks, ANSI escapes and the like
+
+
+def keep_secret(secret):
+    """Redact `secret` from now on: whole, or in pieces that start or end it (a key cut short, or half echoed)."""
+    shortest = min(len(secret), SHORTEST_PIECE)
+    pieces = {piece for n in range(shortest, len(secret) + 1) for piece in (secret[:n], secret[-n:])}
+    secrets[secret] = re.compile("|".join(map(re.escape, sorted(pieces, key=len, reverse=True))))
 
 
 def redact(text):
-    """Hide key-like strings (sk-..., bearer tokens, the configured key and token) from a client or a log."""
-    for secret in secrets:
+    """Hide key-like strings (sk-..., bearer tokens) and the configured key and token, whole or in pieces."""
+    for secret, pieces in secrets.items():
         text = text.replace(secret, "[redacted]")
+        if secret[:SHORTEST_PIECE] in text or secret[-SHORTEST_PIECE:] in text:  # most text has neither end
+            text = pieces.sub("[redacted]", text)
     return KEY_LIKE.sub("[redacted]", text)
 
 
+def from_outside(text, limit):
+    """Redact a value that came from outside, then cut it to `limit` characters: the other way round, a
+    key across the cut would go out less its last character."""
+    return redact(text[:READ_CHARACTERS])[:limit]
+
+
+def one_line(text):
+    """Escape control characters, so that a value cannot start a log line of its own or hide one."""
+    return CONTROL.sub(lambda match: repr(match.group())[1:-1], text)
+
+
 class Redacting(logging.Filter):
-    """Redact every line of the "chat" log: upstream messages end up in it, and they can quote a key."""
+    """Keep the "chat" log's lines true: every value in one (upstream text included) is redacted, cut and
+    escaped, so that none can leak a key or forge a line. The lines' wording is the code's own."""
 
     def filter(self, record):
-        record.msg, record.args = redact(record.getMessage()), None
+        if isinstance(record.args, dict):  # log.info("%(name)s", {...})
+            record.args = {name: logged(value) for name, value in record.args.items()}
+        else:
+            record.args = tuple(map(logged, record.args or ()))
+        record.msg, record.args = one_line(redact(record.getMessage())), None
         return True
+
+
+def logged(value):
+    """A log line's value as the line shows it: numbers as they are, anything else as text from outside."""
+    return value if isinstance(value, int | float) else from_outside(str(value), LOGGED_CHARACTERS)
 
 
 REDACTING = Redacting()
@@ -654,15 +689,26 @@ def chat_wrong_method():
 def allow_listed_origins(response):
     """Allow cross-origin calls from CHAT_CORS_ORIGINS only; none by default, as the page is same-origin."""
     allowed = comma_list(current_app.config["CHAT_CORS_ORIGINS"])
-    if allowed:
-        response.vary.add("Origin")
     origin = request.headers.get("Origin")
+    if allowed == ["*"]:  # every site, and so without credentials: cookies are never sent, bearer tokens still are
+        origin = "*"
+    elif allowed:
+        response.vary.add("Origin")
     if origin in allowed:
         response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Access-Control-Allow-Methods"] = "POST"
         response.headers["Access-Control-Allow-Headers"] = "Content-Type, Authorization"
         response.headers["Access-Control-Expose-Headers"] = "Retry-After, X-Request-Id"
         response.headers["Access-Control-Max-Age"] = "600"
+    return response
+
+
+@chat.after_request
+def forbid_sniffing(response):
+    """Every response: read as the type it says, never sniffed (JSON or an upload shown as HTML), and no
+    Referer sent to the sites a reply links to. A host's own values win."""
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Referrer-Policy", "no-referrer")  # nginx.conf sends the same
     return response
 
 
@@ -720,12 +766,13 @@ def prometheus_metrics():
 @click.option("--silence", default=70.0, type=click.FloatRange(0, 600), help="Seconds of silence to hold (default 70).")
 @click.option("--token", help="The deployment's CHAT_API_TOKEN (default: this app's).")
 @click.option("--cafile", help="CA certificates to trust for TLS, besides the system's (PEM).")
-def doctor(url, silence, token, cafile):
+@click.option("--insecure", is_flag=True, help="Send the token even to a server whose certificate is not trusted.")
+def doctor(url, silence, token, cafile, insecure):
     """Check that a deployment streams: buffering, compression, headers, silences, aborts, HTTP/2, TLS."""
     import operate
 
     token = current_app.config["CHAT_API_TOKEN"] if token is None else token
-    raise SystemExit(operate.doctor(url, silence, token, cafile))
+    raise SystemExit(operate.doctor(url, silence, token, cafile, insecure=insecure))
 
 
 @chat.record_once
@@ -734,7 +781,8 @@ def apply_defaults(state):
     for key, value in config_from_env().items():
         state.app.config.setdefault(key, value)
     check_settings(state.app.config)
-    secrets.update(filter(None, (state.app.config["OPENAI_API_KEY"], state.app.config["CHAT_API_TOKEN"])))
+    for secret in filter(None, (state.app.config["OPENAI_API_KEY"], state.app.config["CHAT_API_TOKEN"])):
+        keep_secret(secret)
     log.addFilter(REDACTING)
     if uses_demo(state.app.config):
         log.warning(
@@ -752,10 +800,10 @@ def create_app(config=None):
     # The stream log under `flask run`; a no-op under gunicorn, whose logging is set up first.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = Flask(__name__, static_folder=None)  # the blueprint serves static/ at /chat-static
+    # /api//models is a 404, not Werkzeug's redirect to /api/models: it would be built from the Host header.
+    app.url_map.merge_slashes = False
     app.config.update(config or {})
     app.register_blueprint(chat)
-    # Make the SDK clients now, and let the SDK import the parts it loads on first use: the first
-    # request would otherwise wait ~50 ms for both.
-    for sdk_client in worker_state(app).sdk_clients[:1]:
-        sdk_client.chat.completions.with_streaming_response  # noqa: B018 (the access is the point)
+    app.after_request(forbid_sniffing)  # the app's own responses too (a 404 outside the blueprint's URLs)
+    worker_state(app).upstream.warm_up()  # the SDK clients now, not on the first request (~50 ms)
     return app

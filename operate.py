@@ -33,6 +33,11 @@ from werkzeug.exceptions import HTTPException
 FIRST_OUTPUT_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)  # seconds; CHAT_FIRST_TOKEN_TIMEOUT is 120
 DURATION_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600)  # seconds; CHAT_MAX_DURATION is 600
 
+# The finish_reason values a label may take: an upstream can send any string, and every new label value is
+# a series Prometheus keeps for good. The rest are counted as "other".
+FINISH_REASONS = {"stop", "length", "tool_calls", "content_filter", "function_call"}
+ERROR_OUTCOMES = {"timeout", "error", "shutdown"}  # where `code` is the error event's, from our own code
+
 _metrics = None
 _metrics_made = threading.Lock()
 
@@ -108,6 +113,8 @@ class Metrics:
     def ended(self, outcome, code, first, duration, usage, events):
         """Count one stream that ended: the relay calls this once, from its `finally`."""
         self.open_streams.dec()
+        if code and outcome not in ERROR_OUTCOMES and code not in FINISH_REASONS:
+            code = "other"
         self.streams_ended.labels(outcome, code or "").inc()
         if "reasoning" in first:
             self.first_reasoning.observe(first["reasoning"])
@@ -234,29 +241,25 @@ class DiagnosticStream:
 
 
 RECORD_ID = re.compile(r"[A-Za-z0-9._-]{8,64}")  # what app.py's request_id() gives
-RECORD_SECONDS = 3600  # a record is asked for within seconds; older ones are removed
+# Records are asked for within seconds, by one doctor; anyone can make them (no token is the default). So a
+# record goes to one of RECORD_SLOTS files, picked by its id, and replaces whatever was there: at most
+# 1,000 files of under 200 bytes whatever the flood, and no request ever scans the directory.
+RECORD_SLOTS = 1000
 records_in_memory = {}  # without a shared directory (flask run: one process)
 
 
 def record_path(stream_id):
-    return os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], f"diagnostic-{stream_id}.json")
+    slot = zlib.crc32(stream_id.encode()) % RECORD_SLOTS  # the same in every worker, unlike hash()
+    return os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], f"diagnostic-{slot:03d}.json")
 
 
 def save_record(record):
     """Keep how a diagnostic stream ended where every worker can read it: the directory they share."""
-    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if not directory:
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         records_in_memory[record["id"]] = record
         while len(records_in_memory) > 100:
             del records_in_memory[next(iter(records_in_memory))]
         return
-    old = time.time() - RECORD_SECONDS
-    for entry in os.scandir(directory):
-        try:
-            if entry.name.startswith("diagnostic-") and entry.stat().st_mtime < old:
-                os.remove(entry.path)
-        except FileNotFoundError:  # another worker removed it first
-            pass
     path = record_path(record["id"])
     with open(f"{path}.{os.getpid()}", "w") as file:
         json.dump(record, file)
@@ -264,15 +267,18 @@ def save_record(record):
 
 
 def report(stream_id):
-    """Say how the diagnostic stream `stream_id` ended; 404 while it is open (or never was)."""
+    """Say how the diagnostic stream `stream_id` ended; 404 while it is open (or never was, or was overwritten)."""
     record = None
     if RECORD_ID.fullmatch(stream_id):
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             record = records_in_memory.get(stream_id)
-        elif os.path.exists(record_path(stream_id)):
-            with open(record_path(stream_id)) as file:
-                record = json.load(file)
-    if record is None:
+        else:
+            try:
+                with open(record_path(stream_id)) as file:
+                    record = json.load(file)
+            except (FileNotFoundError, ValueError):
+                pass
+    if not isinstance(record, dict) or record.get("id") != stream_id:  # its slot may hold another stream's
         raise DiagnosticError(404, "not_found", "No diagnostic stream with this id has ended.")
     return record
 
@@ -289,7 +295,7 @@ CHAT_BODY = json.dumps({"messages": [{"role": "user", "content": "flask doctor"}
 class Target:
     """Where the doctor sends its requests: the chat's URL (URL itself, or URL + api/chat), and how."""
 
-    def __init__(self, url, token, cafile):
+    def __init__(self, url, token, cafile, insecure=False):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url}")
@@ -297,8 +303,15 @@ class Target:
         self.port = parts.port or (443 if self.tls else 80)
         base = parts.path.rstrip("/")
         self.chat = base if base.endswith("/api/chat") else base + "/api/chat"
-        self.token, self.cafile = token, cafile
+        self.token, self.cafile, self.insecure = token, cafile, insecure
         self.verified = True  # false once the certificate failed: the streams are then sent unverified
+
+    def sends_token(self):
+        """Send the token only where it cannot be stolen: a verified server (or plain HTTP, as asked), or --insecure."""
+        return bool(self.token) and (self.verified or self.insecure)
+
+    def withholds_token(self):
+        return bool(self.token) and not self.sends_token()
 
     def context(self, alpn):
         context = ssl.create_default_context(cafile=self.cafile)
@@ -314,7 +327,7 @@ class Target:
         return http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self.context(["http/1.1"]))
 
     def post(self, connection, body=b"", **query):
-        auth = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        auth = {"Authorization": f"Bearer {self.token}"} if self.sends_token() else {}
         headers = {"Content-Type": "application/json", "Accept-Encoding": "gzip", **auth}
         connection.request("POST", f"{self.chat}?{urlencode(query)}", body, headers)
         return connection.getresponse()
@@ -426,7 +439,8 @@ class Run:
             message = json.loads(self.body)["error"]["message"]
         except (ValueError, KeyError, TypeError):
             message = self.body[:200].decode(errors="replace").strip()
-        return f"the diagnostic stream got HTTP {self.status}: {message}"
+        withheld = " (the token was not sent: the certificate is not trusted)" if self.target.withholds_token() else ""
+        return f"the diagnostic stream got HTTP {self.status}: {message}{withheld}"
 
 
 class Check:
@@ -441,16 +455,21 @@ class Check:
             yield f"{'':<23}Fix: {self.fix}"
 
 
-def doctor(url, silence, token, cafile=None, echo=print):
+def doctor(url, silence, token, cafile=None, echo=print, insecure=False):
     """Run every check against `url`, print each as PASS or FAIL with the fix; return the exit status."""
     try:
-        target = Target(url, token, cafile)
+        target = Target(url, token, cafile, insecure)
     except ValueError as exc:
         echo(f"doctor: {exc}")
         return 2
     length = TICKS * TICK_SECONDS + silence
     echo(f"Checking POST {target.chat}?diagnostic=... at {url}: a silence of {silence:g} s, about {length:.0f} s.")
     tls = probe_tls(target) if target.tls else None
+    if tls and not tls["verified"] and token:
+        if insecure:
+            echo(f"WARNING: the certificate is not trusted ({tls['error']}); --insecure: the token is sent anyway.")
+        else:
+            echo(f"The certificate is not trusted ({tls['error']}): the token is not sent. {TRUST}")
     main, abort = Run(target, diagnostic="stream", silence=f"{silence:g}"), Run(target, diagnostic="abort")
     timeout = silence + 30  # no byte for that long: the stream is stuck somewhere
     aborting = threading.Thread(target=abort.run, args=(timeout, TICKS * TICK_SECONDS + 1.5), daemon=True)
@@ -518,6 +537,7 @@ READ_TIMEOUT = (
 TOTAL_TIMEOUT = "Something ends responses after {} s however many bytes flow: raise that proxy's total timeout."
 HTTP2 = "Add `http2` to nginx's `listen 443 ssl` line: over HTTP/1.1 a browser holds at most 6 streams per site."
 ABORT = "Set `proxy_ignore_client_abort off;` (the default) where the chat is proxied: a closed tab stops the model."
+TRUST = "Pass the CA with --cafile, or --insecure to send the token to this server all the same."
 HTTPS = "Serve it over HTTPS: `certbot --nginx -d <your domain>` (README, Deploy on a VM)."
 
 

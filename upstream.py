@@ -1,12 +1,22 @@
-"""The model's side of a stream: the request, its failures, and the reply read straight from the socket.
+"""The model's side of a stream: one Upstream per worker, which sends the request and reads the reply.
 
-The openai SDK makes the request (auth, base URL, typed errors before the first byte); open_upstream
-sends it again only when nothing was paid for, and refusal() maps every failure in one table.
-ModelStream then reads the reply's bytes itself, with a timeout per read, so that app.py's relay can
-send heartbeats and keep deadlines in the stream's one greenlet. DemoStream answers the same way
-with no model at all. Both offer what the relay needs: read(timeout) returns the (kind, text)
-deltas that arrived within `timeout` seconds ([] if none did); `finished` once the reply is
-complete, then `finish_reason` and `usage`; `reader`, for the log; and close().
+    upstream = Upstream(config)                   # its SDK clients, or the demo model; made once per worker
+    stream = upstream.open(model, messages)       # raises an SDK error (see refusal()) or ClientLeft
+    stream.read(timeout)                          # [(kind, text), ...]: what came within `timeout` seconds
+
+The openai SDK makes the request (auth, base URL, typed errors before the first byte); Upstream.open
+sends it again only when nothing was paid for, and refusal() maps every failure in one table. The
+reply's bytes are then read below the SDK, in small pieces that each do one thing:
+
+    SocketBody or HttpxBody   move the bytes: off the connection's socket (the fast path), or through httpx
+    ChunkedDecoder            undoes HTTP/1.1 chunked framing, for the socket path
+    LineSplitter              cuts the body into SSE lines, none longer than MAX_LINE_BYTES
+    ChatChunks                a dialect: turns `data:` lines into deltas, a finish reason and usage
+
+ModelStream puts them together. It and DemoStream offer what a relay needs: read(timeout) returns the
+(kind, text) deltas that arrived within `timeout` seconds ([] if none did), kind being "content" or
+"reasoning"; `finished` once the reply is complete, then `finish_reason` and `usage`; `reader` and
+`api`, for the log; and close(). A failure after the stream began is an UpstreamError.
 """
 
 import contextlib
@@ -27,14 +37,14 @@ log = logging.getLogger("chat")
 
 
 class UpstreamError(Exception):
-    """The upstream failed after the stream began; `code` goes on the wire, the message to the user.
+    """The upstream failed after the stream began: `error_code` goes on the wire, the message to the user.
 
     `detail` is what the upstream said, for the log only.
     """
 
-    def __init__(self, message, code, detail=""):
+    def __init__(self, message, error_code, detail=""):
         super().__init__(message)
-        self.code, self.detail = code, detail
+        self.error_code, self.detail = error_code, detail
 
 
 class StreamTimeout(UpstreamError):
@@ -45,57 +55,108 @@ class ClientLeft(Exception):
     """The client went away while the upstream's headers were awaited: the request is abandoned."""
 
 
+def malformed():
+    return UpstreamError("The model sent a malformed reply.", "upstream_malformed")
+
+
+def uses_demo(config):
+    """Tell whether the built-in demo model answers: no key and no server to talk to."""
+    return not config["OPENAI_API_KEY"] and not config["OPENAI_BASE_URL"]
+
+
 # --- Sending the request: retries that never pay twice, failures in one table ------------------------
 
 
-def open_upstream(worker, config, model, messages, params, client):
-    """Send the request and wait for the upstream's headers, so that a refusal can still be an HTTP status.
+class Upstream:
+    """A worker's way to the model: its SDK clients (or the demo), and what it learned about the server.
 
-    A refused request is sent again up to CHAT_UPSTREAM_RETRIES times, only when nothing was paid for
-    and the wait it asks for is short: never after a timeout (the SDK's own retries are off, as it
-    retries those too). While the headers are awaited, a client that leaves ends the request.
+    `config` holds the app's settings (app.py's DEFAULTS, filled in). Made once per worker, after the
+    fork: the SDK clients hold connection pools.
     """
-    body = {"model": model, "messages": messages, "stream": True, **params}
-    # OpenAI's reasoning models refuse max_tokens; some compatible servers ignore max_completion_tokens.
-    field = config["CHAT_MAX_TOKENS_FIELD"]
-    if field == "auto":
-        field = "max_tokens" if config["OPENAI_BASE_URL"] else "max_completion_tokens"
-    body[field] = body.pop("max_tokens")
-    if worker.stream_usage:
-        body["stream_options"] = {"include_usage": True}
-    extra = json.loads(config["CHAT_EXTRA_BODY"] or "{}")
-    retries = config["CHAT_UPSTREAM_RETRIES"]
-    while True:
-        try:
-            with watching(client, config["CHAT_HEARTBEAT_SECONDS"]):
-                completion = worker.next_sdk_client().chat.completions.with_streaming_response.create(
-                    **body, extra_body=extra or None
-                )
-                return ModelStream(completion.__enter__())  # sends it; a 4xx/5xx raises here, before our headers
-        except openai.APIStatusError as exc:
-            if "stream_options" in body and refuses_stream_options(exc, config):
-                log.warning("upstream refuses stream_options: no longer asked for usage (CHAT_STREAM_USAGE)")
-                worker.stream_usage = False
-                del body["stream_options"]
-                continue
-            wait = retry_after(exc.response.headers) or 0.5
-            if retries <= 0 or exc.status_code not in RETRIED or wait > config["CHAT_RETRY_MAX_WAIT"]:
-                raise
-        except openai.APIConnectionError as exc:
-            if retries <= 0 or isinstance(exc, openai.APITimeoutError):
-                raise
-            wait = 0.5
-        retries -= 1
-        log.info("upstream refused; sending again in %.1fs", wait)
-        time.sleep(wait)
+
+    def __init__(self, config):
+        self.config = config
+        self.demo = uses_demo(config)
+        self.sdk_clients = [] if self.demo else make_openai_clients(config)
+        self.turn = 0
+        self.stream_usage = config["CHAT_STREAM_USAGE"] != "off"  # auto turns it off when a server refuses it
+
+    def open(self, model, messages, params=None, client_left=None):
+        """Send the request and wait for the reply's head, so that a refusal can still be an HTTP status.
+
+        `params` are a request's sampling parameters (max_tokens is held to CHAT_MAX_OUTPUT_TOKENS);
+        `client_left()` tells whether the client has gone, asked every heartbeat while the head is awaited.
+        """
+        params = dict(params or {})
+        if self.demo:
+            return DemoStream(messages, self.config["CHAT_DEMO_WORD_SECONDS"])
+        cap = min(params.pop("max_tokens", math.inf), self.config["CHAT_MAX_OUTPUT_TOKENS"])
+        body = {"model": model, "messages": messages, "stream": True, **params, self.max_tokens_field(): cap}
+        if self.stream_usage:
+            body["stream_options"] = {"include_usage": True}
+        extra = json.loads(self.config["CHAT_EXTRA_BODY"] or "{}") or None
+
+        def create(sdk):
+            return sdk.chat.completions.with_streaming_response.create(**body, extra_body=extra)
+
+        return self.send(create, body, ChatChunks, client_left)
+
+    def max_tokens_field(self):
+        """OpenAI's reasoning models refuse max_tokens; some compatible servers ignore max_completion_tokens."""
+        field = self.config["CHAT_MAX_TOKENS_FIELD"]
+        if field == "auto":
+            return "max_tokens" if self.config["OPENAI_BASE_URL"] else "max_completion_tokens"
+        return field
+
+    def send(self, create, body, dialect, client_left):
+        """Send `create(sdk_client)` until it is answered, and return the reply as a ModelStream of `dialect`.
+
+        A refused request is sent again up to CHAT_UPSTREAM_RETRIES times, only when nothing was paid for
+        and the wait it asks for is short: never after a timeout (the SDK's own retries are off, as it
+        retries those too). A 400 refusing a field we can do without is sent again without it, at once.
+        """
+        retries = self.config["CHAT_UPSTREAM_RETRIES"]
+        while True:
+            try:
+                with watching(client_left, self.config["CHAT_HEARTBEAT_SECONDS"]):
+                    response = create(self.next_sdk_client()).__enter__()  # a 4xx/5xx raises here
+                return ModelStream.of(response, dialect())
+            except openai.APIStatusError as exc:
+                if self.drop_refused(exc, body):
+                    continue
+                wait = retry_after(exc.response.headers) or 0.5
+                if retries <= 0 or exc.status_code not in RETRIED or wait > self.config["CHAT_RETRY_MAX_WAIT"]:
+                    raise
+            except openai.APIConnectionError as exc:
+                if retries <= 0 or isinstance(exc, openai.APITimeoutError):
+                    raise
+                wait = 0.5
+            retries -= 1
+            log.info("upstream refused; sending again in %.1fs", wait)
+            time.sleep(wait)
+
+    def drop_refused(self, exc, body):
+        """Drop from `body` a field the 400 `exc` refuses and we can do without; tell whether one was."""
+        refused = exc.status_code == 400 and self.config["CHAT_STREAM_USAGE"] == "auto"
+        if refused and "stream_options" in body and "stream_options" in str(exc.body):
+            log.warning("upstream refuses stream_options: no longer asked for usage (CHAT_STREAM_USAGE)")
+            self.stream_usage = False  # older Azure versions, old Ollama
+            del body["stream_options"]
+            return True
+        return False
+
+    def next_sdk_client(self):
+        """Take the SDK clients in turn: one pool for thousands of streams would cost O(streams) per stream."""
+        self.turn = (self.turn + 1) % len(self.sdk_clients)
+        return self.sdk_clients[self.turn]
+
+    def warm_up(self):
+        """Let the SDK import the parts it loads on first use: the first request would wait ~50 ms for them."""
+        for sdk in self.sdk_clients[:1]:
+            sdk.chat.completions.with_streaming_response  # noqa: B018 (the access is the point)
 
 
 RETRIED = {429, 500, 502, 503}  # statuses for which nothing was generated; 408 and 504 are timeouts
-
-
-def refuses_stream_options(exc, config):
-    """Tell whether a 400 says the server does not know stream_options (older Azure versions, old Ollama)."""
-    return config["CHAT_STREAM_USAGE"] == "auto" and exc.status_code == 400 and "stream_options" in str(exc.body)
 
 
 def retry_after(headers):
@@ -141,7 +202,7 @@ def refusal(exc, model):
     if key == 400 and (CONTEXT_WORDS.search(said) or "context_length" in str(exc.body)):
         status, code, message = TOO_LONG
     if message is None:  # the upstream's own words: never a format string
-        message = PROXY_PREFIX.sub("", said)[:500] or "The model rejected the request."
+        message = PROXY_PREFIX.sub("", said) or "The model rejected the request."
     else:
         message = message.format(model=model[:100])
     headers = {}
@@ -153,7 +214,7 @@ def refusal(exc, model):
         code,
         getattr(exc, "status_code", type(exc).__name__),
         getattr(exc, "request_id", None),
-        said[:300],
+        said,  # app.py redacts every value in the log, then cuts it
     )
     return status, code, message, headers
 
@@ -164,166 +225,270 @@ def upstream_text(body):
     return message if isinstance(message, str) else ""
 
 
-# --- Reading the reply --------------------------------------------------------------------------------
-
-
-waiting_client = contextvars.ContextVar("waiting_client", default=None)  # (Client, heartbeat) of this stream
-
-
-@contextlib.contextmanager
-def watching(client, heartbeat):
-    """While the SDK waits for the response's head, check every `heartbeat` seconds that `client` is there.
-
-    A context variable reaches the connection below the SDK and httpx; each greenlet (or thread) has its own.
-    """
-    token = waiting_client.set((client, heartbeat))
-    try:
-        yield
-    finally:
-        waiting_client.reset(token)
-
-
-# The kernel's buffers for each side of a stream (it doubles the figure). Left to autotuning they grow to
-# megabytes, which a client that stops reading would keep filling from the model: the relay waits instead.
-SOCKET_BUFFER = 64 * 1024
-
-
-MAX_LINE_BYTES = 256 * 1024  # an upstream SSE line longer than this is not a chat chunk: end the stream
+# --- Reading the reply: bytes, chunks, lines, deltas ------------------------------------------------
 
 
 class ModelStream:
-    """Read the chat completion's SSE body ourselves: the SDK made the request, we parse the bytes.
+    """The reply of a model: `body` moves its bytes, LineSplitter cuts lines, `dialect` makes deltas."""
 
-    The fast path reads the body straight from the connection's socket (see HeadFirstStream) and
-    undoes the chunked framing itself: one read and one pass per network read, with a timeout, so
-    the relay can send heartbeats and keep deadlines in the same greenlet. A body it cannot read
-    that way (a Content-Encoding, a Content-Length, a proxy, HTTP/2) goes through httpx's iterator
-    instead: correct, but with no heartbeats during a silence. TLS needs no exception: an SSL socket's
-    recv() returns what it has already decrypted before it waits.
-    """
+    def __init__(self, body, dialect, on_close=None):
+        self.body, self.dialect, self.on_close = body, dialect, on_close
+        self.lines = LineSplitter()
+        self.reader, self.api = body.name, dialect.api
+        self.finished, self.failure = False, None
 
-    def __init__(self, response):
-        self.response = response  # an openai APIResponse, opened with with_streaming_response
+    @classmethod
+    def of(cls, response, dialect):
+        """Read `response` (an openai APIResponse) from its socket when it can be, else through httpx.
+
+        The socket path needs our own connection (HeadFirstStream) with nothing read past the head,
+        and a body that is chunked and not compressed. Anything else (a Content-Length, a
+        Content-Encoding, a proxy, HTTP/2) goes through httpx: correct, but with no heartbeats during
+        a silence. TLS needs no exception: an SSL socket's recv() returns what it has already
+        decrypted before it waits.
+        """
         http = response.http_response
-        stream = http.extensions.get("network_stream")
+        connection = http.extensions.get("network_stream")
         plain = http.headers.get("content-encoding", "identity") == "identity"
         chunked = http.headers.get("transfer-encoding", "").lower() == "chunked"
-        if isinstance(stream, HeadFirstStream) and stream.at_body and plain and chunked:
-            self.connection, self.sock = stream, stream.get_extra_info("socket")  # a plain or an SSL socket
-            self.reader, self.body = "socket", None
+        if isinstance(connection, HeadFirstStream) and connection.at_body and plain and chunked:
+            leftover, connection.pending = connection.pending, b""  # what httpcore's head read left over
+            body = SocketBody(connection.get_extra_info("socket"), leftover)
         else:
-            self.connection, self.reader = None, "httpx"
-            self.body = http.iter_raw() if plain else http.iter_bytes()
-        self.framing = b""  # chunked framing not yet undone
-        self.chunk_left = 0  # bytes of the current chunk still to come, its closing CRLF included
-        self.body_ended = False  # the last chunk has come: the connection can serve the next request
-        self.line, self.line_size = [], 0  # the SSE line read so far, in pieces
-        self.finished, self.finish_reason, self.usage, self.failure = False, None, None, None
+            connection, body = None, HttpxBody(http.iter_raw() if plain else http.iter_bytes())
+        return cls(body, dialect, lambda finished: finish_response(response, body, connection, finished))
 
     def read(self, timeout):
         if self.failure:
             raise self.failure
-        if self.connection is None:
-            data = self.read_plain()
-        else:
+        data = self.body.read(timeout)
+        deltas = []
+        if data:
             try:
-                data = self.unchunk(self.recv(timeout))
-            except TimeoutError:
-                return []  # nothing yet: time for a heartbeat, or a deadline
-            except OSError:
-                raise UpstreamError("The connection to the model was lost.", "upstream_cut") from None
-        deltas = self.parse(data)
-        if self.body_ended and not self.finished and not self.failure:  # the body ended without [DONE]
-            if self.finish_reason is None:
-                self.failure = UpstreamError("The reply was cut off.", "upstream_incomplete")
-            self.finished = self.finish_reason is not None
+                self.dialect.parse(self.lines.split(data), deltas)
+            except UpstreamError as exc:
+                if not deltas:
+                    raise
+                self.failure = exc  # the deltas before it still go out; the next read raises it
+        if self.dialect.done:
+            self.finished = True
+        elif self.body.ended:  # the body ended without its dialect's last word
+            self.finished = self.dialect.finish_reason is not None
+            if not self.finished:
+                self.failure = self.failure or UpstreamError("The reply was cut off.", "upstream_incomplete")
         return deltas
 
-    def recv(self, timeout):
-        """The next bytes on the connection: what httpcore's head read left over, or the socket's."""
-        if self.connection.pending:
-            data, self.connection.pending = self.connection.pending, b""
-            return data
-        self.sock.settimeout(max(timeout, 0.001))
-        return self.sock.recv(65536)  # an SSL socket gives what it has already decrypted first
+    @property
+    def finish_reason(self):
+        return self.dialect.finish_reason
 
-    def read_plain(self):
+    @property
+    def usage(self):
+        return self.dialect.usage
+
+    def close(self):
+        if self.on_close is not None:
+            self.on_close(self.finished)
+
+
+def finish_response(response, body, connection, finished):
+    """Close the reply; keep the connection for the next request only if its body has already ended."""
+    if connection is not None:
+        if finished and not body.ended:  # the last chunk normally follows the reply's last word at once
+            with contextlib.suppress(UpstreamError):
+                body.read(0.001)
+        if body.ended:
+            connection.pending = b"0\r\n\r\n"  # httpx reads the end of the body, and pools the connection
+            with contextlib.suppress(httpx2.HTTPError):
+                response.http_response.read()
+    response.close()
+
+
+class SocketBody:
+    """The body's bytes straight from the connection's socket, de-chunked: one recv() per read, with a timeout."""
+
+    name = "socket"
+
+    def __init__(self, sock, leftover=b""):
+        self.sock, self.leftover = sock, leftover  # a plain or an SSL socket
+        self.chunks = ChunkedDecoder()
+        self.ended = False  # the last chunk has come: the connection can serve the next request
+
+    def read(self, timeout):
+        """Return the body bytes that came within `timeout` seconds (b"" if none did)."""
+        if self.chunks.failure:
+            raise self.chunks.failure
+        if self.leftover:
+            data, self.leftover = self.leftover, b""
+        else:
+            try:
+                self.sock.settimeout(max(timeout, 0.001))
+                data = self.sock.recv(65536)  # an SSL socket gives what it has already decrypted first
+            except TimeoutError:
+                return b""  # nothing yet: time for a heartbeat, or a deadline
+            except OSError:
+                raise UpstreamError("The connection to the model was lost.", "upstream_cut") from None
+            if not data:
+                raise UpstreamError("The connection to the model was lost.", "upstream_cut")
+        data = self.chunks.feed(data)
+        self.ended = self.chunks.ended
+        return data
+
+
+class HttpxBody:
+    """The body's bytes through httpx's iterator: for what the socket path cannot read. It waits httpx's timeout."""
+
+    name = "httpx"
+
+    def __init__(self, pieces):
+        self.pieces, self.ended = pieces, False
+
+    def read(self, timeout):
         try:
-            data = next(self.body, None)
+            data = next(self.pieces, None)
         except httpx2.TimeoutException:
             raise StreamTimeout("The model stopped answering.", "idle_timeout") from None
         except httpx2.TransportError:
             raise UpstreamError("The connection to the model was lost.", "upstream_cut") from None
         if data is None:
-            self.body_ended = True
+            self.ended = True
         return data or b""
 
-    def unchunk(self, data):
-        """Undo HTTP/1.1 chunked framing (RFC 9112, 7.1): return the body bytes in `data`, or the end."""
-        if not data:
-            raise UpstreamError("The connection to the model was lost.", "upstream_cut")
+
+# A chunk-size line as RFC 9112 (7.1) has it: hex digits, then extensions (";name=value", visible characters).
+# Sixteen digits are more than any reply; int() alone would take "-6", " 6", "0x6" or "6_0" too.
+CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[\t\x20-\x7e\x80-\xff]*)?")
+MAX_FRAMING_BYTES = 1024  # a size line, or trailers, longer than this is not from an HTTP server
+
+
+class ChunkedDecoder:
+    """Undo HTTP/1.1 chunked framing (RFC 9112, 7.1), a network read at a time: feed() returns body bytes.
+
+    Anything the RFC does not allow raises upstream_malformed, after the body bytes before it have been
+    returned. Each feed() makes one pass over its bytes: it cannot loop, whatever they are.
+    """
+
+    def __init__(self):
+        self.framing = b""  # the start of a size line, or of a chunk's closing CRLF
+        self.data_left = 0  # bytes of the current chunk's data still to come
+        self.crlf_due = False  # the current chunk's data has come; its CRLF is next
+        self.trailers = None  # after the last chunk: the trailer section so far
+        self.ended, self.failure = False, None
+
+    def feed(self, data):
+        if self.trailers is not None:
+            self.read_trailers(data)
+            return b""
         framing = self.framing + data if self.framing else data
         out, i, size = [], 0, len(framing)
-        while i < size:
-            if self.chunk_left:
-                taken = min(self.chunk_left, size - i)
-                body = min(taken, self.chunk_left - 2)  # the chunk's closing CRLF is not body
-                if body > 0:
-                    out.append(framing[i : i + body])
-                i, self.chunk_left = i + taken, self.chunk_left - taken
-                continue
-            end = framing.find(b"\r\n", i)
-            if end < 0:
-                break  # the size line is not all here yet
-            try:
-                length = int(framing[i:end].partition(b";")[0], 16)  # ";..." would be a chunk extension
-            except ValueError:
-                raise UpstreamError("The model sent a malformed reply.", "upstream_malformed") from None
-            if length == 0:  # the last chunk: trailers (none, in practice) end with a blank line
-                self.body_ended = framing.find(b"\r\n\r\n", end) >= 0
-                break
-            i, self.chunk_left = end + 2, length + 2
-        self.framing = framing[i:]  # the start of a size line, or the last chunk
-        if len(self.framing) > 1024 and not self.body_ended:
-            raise UpstreamError("The model sent a malformed reply.", "upstream_malformed")
+        try:
+            while i < size:
+                if self.data_left:
+                    taken = min(self.data_left, size - i)
+                    out.append(framing[i : i + taken])
+                    i, self.data_left = i + taken, self.data_left - taken
+                elif self.crlf_due:
+                    if size - i < 2:
+                        break
+                    if framing[i : i + 2] != b"\r\n":
+                        raise malformed()
+                    i, self.crlf_due = i + 2, False
+                else:
+                    end = framing.find(b"\r\n", i, i + MAX_FRAMING_BYTES)
+                    if end < 0:
+                        break  # the size line is not all here yet
+                    line = CHUNK_SIZE_LINE.fullmatch(framing, i, end)
+                    if line is None:
+                        raise malformed()
+                    length = int(line[1], 16)
+                    if not length:  # the last chunk: trailers (none, in practice) end with a blank line
+                        self.trailers = b""
+                        self.read_trailers(framing[end:])
+                        i = size
+                        break
+                    i, self.data_left, self.crlf_due = end + 2, length, True
+            self.framing = framing[i:]
+            if len(self.framing) > MAX_FRAMING_BYTES:
+                raise malformed()
+        except UpstreamError as exc:
+            if not out:
+                raise
+            self.failure = exc
         return out[0] if len(out) == 1 else b"".join(out)
 
-    def parse(self, data):
-        """Return the deltas in the complete SSE lines of `data`; keep an unfinished last line for later."""
+    def read_trailers(self, data):
+        """Read the trailer section after the last chunk (from the last chunk's CRLF), up to its blank line."""
+        if self.ended:
+            return
+        self.trailers += data
+        self.ended = b"\r\n\r\n" in self.trailers
+        if not self.ended and len(self.trailers) > MAX_FRAMING_BYTES:
+            raise malformed()
+
+
+MAX_LINE_BYTES = 256 * 1024  # an upstream SSE line longer than this is not a reply's: end the stream
+
+
+class LineSplitter:
+    """Cut a body into its lines (the "\\n" taken off), however the reads split them; none may be too long."""
+
+    def __init__(self):
+        self.pieces, self.size = [], 0  # the line read so far, in pieces
+
+    def split(self, data):
+        """Return the lines that `data` completes; keep an unfinished last line for later."""
         if b"\n" not in data:
-            self.line.append(data)
-            self.line_size += len(data)
-            if self.line_size > MAX_LINE_BYTES:
+            self.pieces.append(data)
+            self.size += len(data)
+            if self.size > MAX_LINE_BYTES:
                 raise UpstreamError("The model sent a line too long to be a reply.", "upstream_malformed")
-            return []
-        lines = (b"".join(self.line) + data).split(b"\n")
+            return ()
+        lines = (b"".join(self.pieces) + data if self.pieces else data).split(b"\n")
         last = lines.pop()
-        self.line, self.line_size = [last], len(last)
-        deltas = []
+        self.pieces, self.size = ([last], len(last)) if last else ([], 0)
+        if self.size > MAX_LINE_BYTES:
+            raise UpstreamError("The model sent a line too long to be a reply.", "upstream_malformed")
+        return lines
+
+
+def json_payload(line):
+    """Return the JSON value of an SSE `data:` line, or raise upstream_malformed; "[DONE]" comes back as it is."""
+    payload = line[5:].strip()
+    if payload == b"[DONE]":
+        return "[DONE]"
+    try:
+        return json.loads(payload)
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser's stack
+        raise malformed() from None
+
+
+class ChatChunks:
+    """The chat.completions dialect: each `data:` line a chat.completion.chunk, then `data: [DONE]`.
+
+    A dialect offers parse(lines, deltas), adding the (kind, text) deltas of SSE lines to `deltas` and
+    raising UpstreamError for an error in the stream; `done` once its last word came; `finish_reason`
+    and `usage`; and `api`, its name for the log. Anything of the wrong type is ignored.
+    """
+
+    api = "chat"
+
+    def __init__(self):
+        self.done, self.finish_reason, self.usage = False, None, None
+
+    def parse(self, lines, deltas):
         for line in lines:
             if line.startswith(b"data:"):  # blank lines end events; ":" lines are comments
-                try:
-                    self.parse_data(line[5:].strip(), deltas)
-                except UpstreamError as exc:  # the deltas before it still go out; the next read raises it
-                    self.failure = exc
-                    break
-        return deltas
+                chunk = json_payload(line)
+                if chunk == "[DONE]":
+                    self.done = True
+                elif isinstance(chunk, dict):
+                    self.add(chunk, deltas)
 
-    def parse_data(self, payload, deltas):
-        """Add the deltas of one chat.completion.chunk to `deltas`; anything of the wrong type is ignored."""
-        if payload == b"[DONE]":
-            self.finished = True
-            return
-        try:
-            chunk = json.loads(payload)
-        except ValueError:
-            raise UpstreamError("The model sent a malformed reply.", "upstream_malformed") from None
-        if not isinstance(chunk, dict):
-            return
+    def add(self, chunk, deltas):
         if chunk.get("error"):
             error = chunk["error"]
             detail = error.get("message") if isinstance(error, dict) else error
-            raise UpstreamError("The model stopped with an error.", "upstream_error", str(detail)[:300])
+            raise UpstreamError("The model stopped with an error.", "upstream_error", str(detail))
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
         for choice in chunk.get("choices") or ():  # the usage chunk has no choices
@@ -342,20 +507,29 @@ class ModelStream:
             if content and isinstance(content, str):
                 deltas.append(("content", content))
 
-    def close(self):
-        """Close the reply; keep the connection for the next request only if its body has already ended."""
-        if self.connection is not None and self.finished and not self.body_ended:
-            try:  # the last chunk normally follows [DONE] at once
-                self.unchunk(self.recv(0.001))
-            except (OSError, UpstreamError):
-                pass
-        if self.connection is not None and self.body_ended:
-            self.connection.pending = b"0\r\n\r\n"  # httpx reads the end of the body, and pools the connection
-            try:
-                self.response.http_response.read()
-            except httpx2.HTTPError:
-                pass
-        self.response.close()
+
+# --- The connection below the SDK: the response's head for httpx, its body left on the socket -------
+
+
+waiting_client = contextvars.ContextVar("waiting_client", default=None)  # (client_left, heartbeat) of this stream
+
+
+@contextlib.contextmanager
+def watching(client_left, heartbeat):
+    """While the SDK waits for the response's head, ask `client_left()` every `heartbeat` seconds.
+
+    A context variable reaches the connection below the SDK and httpx; each greenlet (or thread) has its own.
+    """
+    token = waiting_client.set(None if client_left is None else (client_left, heartbeat))
+    try:
+        yield
+    finally:
+        waiting_client.reset(token)
+
+
+# The kernel's buffers for each side of a stream (it doubles the figure). Left to autotuning they grow to
+# megabytes, which a client that stops reading would keep filling from the model: the relay waits instead.
+SOCKET_BUFFER = 64 * 1024
 
 
 class HeadFirstStream(httpcore2.NetworkStream):
@@ -394,7 +568,7 @@ class HeadFirstStream(httpcore2.NetworkStream):
         self.at_body = not head.startswith(b"HTTP/1.1 1")
         return data[:cut]
 
-    def read_head(self, max_bytes, timeout, client, heartbeat):
+    def read_head(self, max_bytes, timeout, client_left, heartbeat):
         """Wait for the response's head a heartbeat at a time, and give up as soon as the client has left."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -404,7 +578,7 @@ class HeadFirstStream(httpcore2.NetworkStream):
             except httpcore2.ReadTimeout:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise
-                if client.has_left():
+                if client_left():
                     raise ClientLeft from None
 
     def close(self):
@@ -438,7 +612,7 @@ def relay_transport(tls):
 
     httpx2's HTTPTransport takes no network backend, so its connection pool is replaced by an
     identical one that has ours: the one private attribute this module touches (httpx2 and
-    httpcore2 are pinned exactly; tests/test_stream.py fails if the fast path is not taken).
+    httpcore2 are pinned exactly; tests/test_relay.py fails if the fast path is not taken).
     """
     transport = httpx2.HTTPTransport(verify=tls)
     transport._pool = httpcore2.ConnectionPool(
@@ -452,10 +626,35 @@ def relay_transport(tls):
     return transport
 
 
+POOL_STREAMS = 64  # streams per SDK client: httpx's pool scans all its connections as each request starts and ends
+
+
+def make_openai_clients(config):
+    """Make one SDK client per POOL_STREAMS of CHAT_MAX_STREAMS, sharing one TLS context (~30 ms to build).
+
+    They need no connection limit of their own: CHAT_MAX_STREAMS bounds them all.
+    """
+    tls = httpx2.create_ssl_context()  # what httpx builds by default: the system's trust store
+    timeout = httpx2.Timeout(config["CHAT_FIRST_TOKEN_TIMEOUT"], connect=config["CHAT_CONNECT_TIMEOUT"])
+    return [
+        openai.OpenAI(
+            # A local server (Ollama, vLLM, llama.cpp) needs no key, but the SDK insists on one.
+            api_key=config["OPENAI_API_KEY"] or "unused",
+            base_url=config["OPENAI_BASE_URL"] or None,
+            max_retries=0,  # Upstream.send retries, and never a request that timed out: its prompt would be paid twice
+            http_client=openai.DefaultHttpxClient(transport=relay_transport(tls), timeout=timeout),
+        )
+        for _ in range(-(-config["CHAT_MAX_STREAMS"] // POOL_STREAMS))
+    ]
+
+
+# --- The demo model --------------------------------------------------------------------------------
+
+
 class DemoStream:
     """A stand-in model: a fixed reply, word by word, so the service runs with no key and no network."""
 
-    reader = "demo"
+    reader, api = "demo", "demo"
 
     def __init__(self, messages, seconds_per_word):
         said = next((text_of(m["content"]) for m in reversed(messages) if m["role"] == "user"), "")
@@ -496,28 +695,3 @@ class DemoStream:
 def text_of(content):
     """Return the text of a message's content: the string, or its text parts (images left out)."""
     return content if isinstance(content, str) else " ".join(p["text"] for p in content if p["type"] == "text")
-
-
-POOL_STREAMS = 64  # streams per SDK client: httpx's pool scans all its connections as each request starts and ends
-
-
-def make_openai_clients(config):
-    """Make one SDK client per POOL_STREAMS of CHAT_MAX_STREAMS, sharing one TLS context (~30 ms to build).
-
-    They need no connection limit of their own: CHAT_MAX_STREAMS bounds them all.
-    """
-    tls = httpx2.create_ssl_context()  # what httpx builds by default: the system's trust store
-    timeout = httpx2.Timeout(config["CHAT_FIRST_TOKEN_TIMEOUT"], connect=config["CHAT_CONNECT_TIMEOUT"])
-    return [
-        openai.OpenAI(
-            # A local server (Ollama, vLLM, llama.cpp) needs no key, but the SDK insists on one.
-            api_key=config["OPENAI_API_KEY"] or "unused",
-            base_url=config["OPENAI_BASE_URL"] or None,
-            max_retries=0,  # app.py retries, and never a request that timed out: its prompt would be paid twice
-            http_client=openai.DefaultHttpxClient(
-                transport=relay_transport(tls),
-                timeout=timeout,
-            ),
-        )
-        for _ in range(-(-config["CHAT_MAX_STREAMS"] // POOL_STREAMS))
-    ]

@@ -21,6 +21,17 @@ const STORE_KEY = `chat:${location.pathname}`;
 const TOO_LONG = new Set(["body_too_large", "too_many_messages", "context_too_long"]);
 // GitHub's flavour (tables, ~~strike~~, bare links), and a new line is a line break, as typed.
 const MARKDOWN = { ...marked.getDefaults(), breaks: true };
+// Quotes, lists and emphasis nested deeper than this show as the text they are: nesting costs stack.
+const MAX_NESTING = 16;
+// What marked's lexer cannot take (it recurses per level, and overflows near 2,000 nested `> `):
+// 100 quote or list markers at the start of one line, or a run of 100 `*`, `_` or `~`. A reply with
+// either is shown as plain text, whole.
+const TOO_DEEP = [/^(?:[ \t]*(?:>|[-+*](?=[ \t])|\d{1,9}[.)](?=[ \t]))){100}/m, /([*_~])\1{99}/];
+// The named character references marked leaves in text; it decodes numeric ones itself.
+const ENTITIES = { amp: "&", lt: "<", gt: ">", quot: '"', apos: "'", nbsp: "\u00a0" };
+// Bidirectional embeddings, overrides, isolates and marks: in a link's text, U+202E makes
+// "elpmaxe.knab//:sptth" read "https://bank.example". Taken out of link text.
+const BIDI_CONTROLS = /[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
 
 // The conversation, sent whole with every request (the server keeps nothing between requests).
 // A turn is {question, answer, reasoning, thought, state, note}; it joins once the model has said
@@ -85,16 +96,20 @@ async function send(text) {
 
   const body = { messages: [...history, { role: "user", content: text }] };
   if (!modelRow.hidden) body.model = modelPicker.value;
-  const outcome = await streamReply(body, turn, streaming.signal);
-
-  if (chat !== chatNumber) return setStreaming(null); // "New chat" was pressed meanwhile
-  if (turn.answer) {
-    turns.push(turn);
-    save();
-  } else if (!messageInput.value) {
-    messageInput.value = text; // back in the box, to send again
+  let focus = messageInput;
+  try {
+    const outcome = await streamReply(body, turn, streaming.signal);
+    if (chat !== chatNumber) return; // "New chat" was pressed meanwhile
+    if (turn.answer) {
+      turns.push(turn);
+      save();
+    } else if (!messageInput.value) {
+      messageInput.value = text; // back in the box, to send again
+    }
+    focus = offerWayOut(turn, outcome);
+  } finally {
+    setStreaming(null, focus); // whatever went wrong above, the controls come back
   }
-  setStreaming(null, offerWayOut(turn, outcome));
 }
 
 /** POST the conversation and show the reply as it arrives; return {code} of a failure, or {}. */
@@ -486,6 +501,17 @@ function scheduleRender(view, source) {
  * stay as they are.
  */
 function renderMarkdown(view, source) {
+  try {
+    if (TOO_DEEP.some((pattern) => pattern.test(source))) showPlain(view, source);
+    else renderBlocks(view, source);
+  } catch (error) {
+    // Whatever a reply holds, it is shown: as the text it is, if it cannot be shown as markdown.
+    console.error("The reply is shown as plain text:", error);
+    showPlain(view, source);
+  }
+}
+
+function renderBlocks(view, source) {
   const tokens = marked.lexer(source, MARKDOWN);
   const links = JSON.stringify(tokens.links); // a link definition can change the blocks before it
   let same = 0;
@@ -502,12 +528,28 @@ function renderMarkdown(view, source) {
   }
 }
 
-/** Build the nodes of block tokens: a reply, a list item, a quote. */
-function blocks(tokens) {
-  return tokens.flatMap(blockNodes);
+/** Show the whole reply as its text, in place of its blocks. */
+function showPlain(view, source) {
+  const text = rawText(source);
+  view.text.replaceChildren(text);
+  view.blocks = [{ raw: null, node: text }]; // never the same as a block: the next render replaces it
+  view.links = null;
 }
 
-function blockNodes(token) {
+/** Markdown shown as the text it is (raw HTML, what is nested too deep), never parsed. */
+function rawText(source) {
+  const raw = element("p", [source.trim()]);
+  raw.className = "raw";
+  return raw;
+}
+
+/** Build the nodes of block tokens: a reply, a list item, a quote, `depth` quotes and lists deep. */
+function blocks(tokens, depth) {
+  return tokens.flatMap((token) => blockNodes(token, depth));
+}
+
+function blockNodes(token, depth = 0) {
+  if ((token.type === "blockquote" || token.type === "list") && depth >= MAX_NESTING) return [rawText(token.raw)];
   switch (token.type) {
     case "paragraph":
       return [element("p", inline(token.tokens))];
@@ -516,9 +558,9 @@ function blockNodes(token) {
     case "code":
       return [codeBlock(token)];
     case "blockquote":
-      return [element("blockquote", blocks(token.tokens))];
+      return [element("blockquote", blocks(token.tokens, depth + 1))];
     case "list":
-      return [list(token)];
+      return [list(token, depth + 1)];
     case "table":
       return [table(token)];
     case "hr":
@@ -530,43 +572,45 @@ function blockNodes(token) {
     case "space":
     case "def":
       return [];
-    default: {
-      // Raw HTML (and any token type newer than this code): shown as the text it is, never parsed.
-      const raw = element("p", [token.raw.trim()]);
-      raw.className = "raw";
-      return [raw];
-    }
+    default: // raw HTML (and any token type newer than this code)
+      return [rawText(token.raw)];
   }
 }
 
-/** Build the nodes of inline tokens: words, emphasis, code, links. */
-function inline(tokens = []) {
+/** Build the nodes of inline tokens: words, emphasis, code, links, inside `depth` others. */
+function inline(tokens = [], depth = 0) {
   return tokens.flatMap((token) => {
+    if (token.tokens && token.type !== "text" && depth >= MAX_NESTING) return [token.raw];
     switch (token.type) {
       case "text":
-        return token.tokens ? inline(token.tokens) : [decodeEntities(token.text)];
+        return token.tokens ? inline(token.tokens, depth) : [decodeEntities(token.text)];
       case "escape":
         return [token.text];
       case "strong":
       case "em":
       case "del":
-        return [element(token.type, inline(token.tokens))];
+        return [element(token.type, inline(token.tokens, depth + 1))];
       case "codespan":
         return [element("code", [token.text])];
       case "br":
         return [element("br")];
       case "link":
-        return link(token.href, inline(token.tokens), token.title);
+        return link(token.href, inline(token.tokens, depth + 1));
       case "image": // never loaded: an image URL can carry data out (a request to it is a leak)
-        return link(token.href, [`Image: ${token.text || token.href}`], token.title);
+        return link(token.href, [`Image: ${token.text || token.href}`]);
       default: // inline HTML, as text
         return [token.raw];
     }
   });
 }
 
-/** A link that opens in a new tab, for http(s) URLs only; anything else is just its text. */
-function link(href, children, title) {
+/**
+ * A link that opens in a new tab, for http(s) URLs only; anything else is just its text.
+ *
+ * The model writes both a link's text and its title, so neither may say where it goes: the title
+ * is the real URL, and text that reads like another address gets the real host beside it.
+ */
+function link(href, children) {
   let url = null;
   try {
     url = new URL(href); // relative URLs throw: they would point into this site
@@ -575,11 +619,32 @@ function link(href, children, title) {
   }
   if (url.protocol !== "http:" && url.protocol !== "https:") return children; // javascript:, data:, ...
   const anchor = element("a", children);
+  stripBidiControls(anchor);
   anchor.href = url.href;
   anchor.target = "_blank";
   anchor.rel = "noopener noreferrer";
-  if (title) anchor.title = title;
-  return [anchor];
+  anchor.title = url.href; // percent-encoded, its host in punycode: what the browser will open
+  if (hostOf(anchor.textContent) === undefined || hostOf(anchor.textContent) === url.hostname) return [anchor];
+  const host = element("span", [` (${url.hostname})`]);
+  host.className = "link-host";
+  return [anchor, host];
+}
+
+/** The host named by text that reads like a web address ("https://bank.example/x", "www.x.org"), or undefined. */
+function hostOf(text) {
+  const words = text.trim().split(/\s/)[0];
+  if (!/^[a-z][a-z\d+.-]*:\/\/|^[^/?#]*\.[a-z]/i.test(words)) return undefined;
+  try {
+    const url = new URL(/^[a-z][a-z\d+.-]*:\/\//i.test(words) ? words : `http://${words}`);
+    return url.username || url.password ? null : url.hostname; // "bank.example@evil.example" names evil
+  } catch {
+    return null; // reads like an address, but is none: show the real host
+  }
+}
+
+function stripBidiControls(node) {
+  const walker = document.createTreeWalker(node, NodeFilter.SHOW_TEXT);
+  while (walker.nextNode()) walker.currentNode.data = walker.currentNode.data.replace(BIDI_CONTROLS, "");
 }
 
 function codeBlock(token) {
@@ -596,10 +661,10 @@ function codeBlock(token) {
   return block;
 }
 
-function list(token) {
+function list(token, depth) {
   const node = element(
     token.ordered ? "ol" : "ul",
-    token.items.map((item) => element("li", blocks(item.tokens))),
+    token.items.map((item) => element("li", blocks(item.tokens, depth))),
   );
   if (token.ordered && token.start !== "" && token.start !== 1) node.start = token.start;
   return node;
@@ -623,9 +688,7 @@ function table(token) {
   return wrap;
 }
 
-const ENTITIES = { amp: "&", lt: "<", gt: ">", quot: '"', apos: "'", nbsp: "\u00a0" };
-
-/** Decode the few named character references marked leaves in text (it decodes numeric ones). */
+/** Decode the few named character references marked leaves in text. */
 function decodeEntities(text) {
   return text.replace(/&(amp|lt|gt|quot|apos|nbsp);/g, (_, name) => ENTITIES[name]);
 }

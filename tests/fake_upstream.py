@@ -41,6 +41,8 @@ class Script:
     content_length: bool = False  # the whole body at the end, with a Content-Length instead of chunks
     reject_stream_options: bool = False  # a 400 naming stream_options when a request has it (old Azure, Ollama)
     odd_events: list = field(default_factory=list)  # JSON values sent as data lines before the tokens, as they are
+    raw_events: list = field(default_factory=list)  # bytes sent in a chunk each before the tokens, as they are
+    raw_framing: bytes = b""  # after the first token: these bytes, outside any chunk, then silence until hung up
 
 
 @dataclass
@@ -121,6 +123,8 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
             tokens = [word + " " for word in received.body["messages"][-1]["content"].split()]
         for odd in script.odd_events:
             self.send_chunk(b"data: " + json.dumps(odd).encode() + b"\n\n")
+        for raw in script.raw_events:
+            self.send_chunk(raw)
         for i, token in enumerate(tokens):
             if i == script.cut_after:
                 self.close_connection = True
@@ -136,6 +140,11 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
             if i == 0 and script.huge_line:
                 for _ in range(0, script.huge_line, 65536):
                     self.send_chunk(b"data: " + b"x" * 65536)
+            if i == 0 and script.raw_framing:
+                self.wfile.write(script.raw_framing)
+                self.wfile.flush()
+                self.wait(30)  # the relay must end the stream and hang up; this is the test's limit
+                return
         self.send_event({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": script.finish_reason}]})
         if (received.body.get("stream_options") or {}).get("include_usage"):
             self.send_event({**base, "choices": [], "usage": script.usage})

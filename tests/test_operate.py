@@ -140,6 +140,38 @@ def test_doctor_passes_the_shipped_config_with_tls_and_http2(doctor_gunicorn, ce
     assert any("end=client_gone" in line for line in diagnostic_lines)
 
 
+AUTHORIZATION_LOGGED = with_directive(
+    'up=$upstream_addr "$http_user_agent"\';', 'up=$upstream_addr "$http_user_agent" auth="$http_authorization"\';'
+)
+
+
+@pytest.mark.parametrize("insecure", [False, True], ids=["by-default", "with-insecure"])
+def test_doctor_never_sends_the_token_to_a_server_it_could_not_verify(
+    doctor_gunicorn, certificate, start_nginx, insecure
+):
+    """A certificate the doctor cannot verify (no --cafile): it used to shake hands again unchecked, then
+    send the token to whoever answered. nginx's access log, told to show Authorization, says what came."""
+    port = free_port()
+    server = start_nginx(
+        "nginx-doctor-untrusted", [doctor_gunicorn], [with_tls(port, *certificate), AUTHORIZATION_LOGGED]
+    )
+    diagnosis = doctor(f"https://127.0.0.1:{port}/", *(["--insecure"] if insecure else []))
+    access_log = (server.log_path.parent / "access.log").read_text()
+
+    assert diagnosis.verdicts()["TLS"] == "FAIL"
+    assert "certificate not trusted" in diagnosis.checks["TLS"][1]
+    if insecure:  # asked for: sent, with a warning first
+        assert "WARNING: the certificate is not trusted" in diagnosis.output
+        assert f'auth="Bearer {TOKEN}"' in access_log
+        assert diagnosis.verdicts()["not buffered"] == "PASS"
+    else:
+        assert 'auth="-"' in access_log  # the requests came, without it
+        assert TOKEN not in access_log
+        assert "the token is not sent" in diagnosis.output
+        assert "the token was not sent: the certificate is not trusted" in diagnosis.checks["not buffered"][1]
+        assert diagnosis.returncode == 1
+
+
 def test_doctor_without_the_token_is_refused(doctor_gunicorn):
     """The diagnostic stream wants the chat's token; the doctor says so for every stream check."""
     diagnosis = doctor(doctor_gunicorn.url, token="wrong")

@@ -345,6 +345,37 @@ def test_hostile_markdown_never_becomes_markup_script_or_a_request(chat_page, up
     assert not [url for url in requests if "attacker.example" in url]
 
 
+DECEPTIVE_LINKS = [
+    '[https://bank.example](https://evil.example/login "https://bank.example/login") ',
+    "[www.bank.example/login](https://evil.example/) ",
+    "[\u202eelpmaxe.knab//:sptth](https://evil.example/x) ",  # shown right to left: "https://bank.example"
+    "[https://bank.example@evil.example](https://bank.example@evil.example/) ",
+    "[the docs](https://flask.palletsprojects.com/) and https://example.com/x.",
+]
+
+
+def test_a_link_shows_where_it_really_goes(chat_page, upstream):
+    """The model writes a link's text and title: the title is the real URL, and text that reads like
+    another address gets the real host beside it, with no bidi controls to turn it around."""
+    upstream.reset(tokens=DECEPTIVE_LINKS)
+    say(chat_page, "Where do I log in?")
+    expect(reply_note(chat_page)).to_contain_text("tokens")
+    answer = reply_text(chat_page)
+
+    links = answer.get_by_role("link")
+    expect(links).to_have_count(6)
+    titles = ["https://evil.example/login", "https://evil.example/", "https://evil.example/x"]
+    titles += ["https://bank.example@evil.example/", "https://flask.palletsprojects.com/", "https://example.com/x"]
+    assert [links.nth(i).get_attribute("title") for i in range(6)] == titles
+    assert [links.nth(i).get_attribute("href") for i in range(6)] == titles
+    assert answer.inner_text() == (
+        "https://bank.example (evil.example) www.bank.example/login (evil.example) "
+        "elpmaxe.knab//:sptth (evil.example) https://bank.example@evil.example (evil.example) "
+        "the docs and https://example.com/x."
+    )
+    assert "\u202e" not in answer.text_content()
+
+
 # --- A conversation that survives ---------------------------------------------------------------
 
 
@@ -380,6 +411,48 @@ def test_a_reload_restores_the_conversation_and_new_chat_clears_it(chat_page, up
     assert sent_messages(upstream) == [{"role": "user", "content": "Fresh start"}]
 
 
+EVERY_ELEMENT = [
+    "## A heading &amp; more\n\n",
+    "**Strong**, *em*, ~~del~~, `code &amp; span`, [a link](https://example.com/a), \\*escaped\\*,\n",
+    "a line break. Entities: &amp; &lt;tag&gt; &quot;q&quot; &apos;a&apos; x&nbsp;y &#169;.\n\n",
+    "> A quote\n> > nested\n\n",
+    "3. three\n4. four\n\n",
+    "- [x] done\n- [ ] to do\n\n",
+    "- loose\n\n- items\n\n",
+    "| a &amp; b | c |\n|---|:-:|\n| 1 | 2 |\n\n",
+    "---\n\n",
+    "```html\n<p>a &amp; b</p>\n```\n\n",
+    "![a picture](https://example.com/p.png)\n\n",
+    "<div>raw &amp; html</div>\n\n",
+    "Inline <span>html</span> and a [reference].\n\n",
+    "[reference]: https://example.com/ref\n",
+]
+ELEMENTS = "h3, strong, em, del, code, a, br, blockquote blockquote, ol[start='3'], li, table, th, td, hr, pre, .raw"
+
+
+def test_a_reload_restores_every_kind_of_element_and_what_follows(chat_page, upstream):
+    """The issue's reproduction: a saved reply with `&amp;` in it stopped the page at start-up."""
+    upstream.reset(tokens=EVERY_ELEMENT)
+    say(chat_page, "Show me everything")
+    expect(reply_note(chat_page)).to_contain_text("tokens")
+    upstream.reset(tokens=["The next turn."])
+    say(chat_page, "And then?")
+    expect(reply_text(chat_page)).to_have_text("The next turn.")
+    first = chat_page.locator("#conversation .message.assistant .text").first
+    streamed = first.inner_html()
+    for selector in ELEMENTS.split(", "):
+        expect(first.locator(selector).first).to_be_attached()
+    assert "Entities: & <tag> \"q\" 'a' x\u00a0y ©." in first.text_content()
+    assert "<p>a &amp; b</p>" in first.locator("pre").text_content()  # code is as written
+
+    chat_page.reload()
+
+    expect(questions(chat_page)).to_have_text(["Show me everything", "And then?"])
+    expect(reply_text(chat_page)).to_have_text("The next turn.")
+    assert first.inner_html() == streamed
+    expect(chat_page.get_by_label("Model")).to_be_visible()  # the page's script ran to its end
+
+
 def test_a_reload_restores_the_thinking_folded(chat_page, upstream):
     upstream.reset(reasoning=["Weighing ", "it up."], tokens=["Done."], delay=0.1)
     say(chat_page, "Think")
@@ -396,6 +469,57 @@ def test_a_reload_restores_the_thinking_folded(chat_page, upstream):
 
 
 # --- No dead ends --------------------------------------------------------------------------------
+
+
+def test_deep_nesting_shows_as_text_and_the_page_carries_on(chat_page, upstream):
+    """The issue's reproduction: 3,000 nested quotes (6 KB) overflowed the renderer's stack and
+    left the page streaming for good. Quotes deeper than 16 show as text; far deeper, the whole reply."""
+    upstream.reset(tokens=["> " * 1500, "> " * 1500, "three thousand deep"])
+    say(chat_page, "Deep")
+    expect(reply_note(chat_page)).to_have_text("14 tokens: 9 prompt, 5 reply.")
+    expect(reply_text(chat_page)).to_have_text("> " * 3000 + "three thousand deep")
+    expect(chat_page.get_by_label("Message")).to_be_enabled()
+
+    upstream.reset(tokens=["> " * 20, "twenty deep"])
+    say(chat_page, "Less deep")
+    expect(reply_note(chat_page)).to_contain_text("tokens")
+    expect(reply_text(chat_page).locator("blockquote")).to_have_count(16)
+    expect(reply_text(chat_page).locator("blockquote " * 16 + ".raw")).to_have_text("> > > > twenty deep")
+    chat_page.get_by_role("button", name="New chat").click()
+    expect(chat_page.locator("#conversation .message")).to_have_count(0)
+    upstream.reset(tokens=["Fine again."])
+    say(chat_page, "Hi")
+    expect(reply_text(chat_page)).to_have_text("Fine again.")
+
+
+def test_a_reply_the_renderer_cannot_take_is_shown_as_text(chat_page, upstream):
+    """marked's lexer throws (as it did at 2,000 nested quotes): the reply is shown as the text it is."""
+    chat_page.evaluate("() => { marked.Lexer.prototype.lex = () => { throw new RangeError('too much recursion'); }; }")
+    upstream.reset(tokens=["**Not** ", "markdown."])
+    say(chat_page, "Hi")
+
+    expect(reply_note(chat_page)).to_have_text("14 tokens: 9 prompt, 5 reply.")
+    expect(reply_text(chat_page)).to_have_text("**Not** markdown.")
+    expect(chat_page.get_by_label("Message")).to_be_focused()
+
+
+def test_whatever_a_render_throws_the_end_of_a_stream_gives_the_controls_back(browser, gunicorn, upstream):
+    """A render that throws (a bug of the page's own) still ends the stream: Send and the box come back."""
+    context = browser.new_context()
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda error: errors.append(error))
+    page.goto(gunicorn.url + "/")
+    page.evaluate("() => { window.renderMarkdown = () => { throw new Error('a bug in the renderer'); }; }")
+    upstream.reset(tokens=["Unseen ", "words."], delay=0.05)
+    say(page, "Hi")
+
+    expect(page.get_by_role("button", name="Send")).to_be_visible()
+    expect(page.get_by_label("Message")).to_be_enabled()
+    page.get_by_role("button", name="New chat").click()
+    expect(page.locator("#conversation .message")).to_have_count(0)
+    context.close()
+    assert errors, "the broken renderer never ran"
 
 
 def test_retry_sends_the_last_message_again_after_an_error(chat_page, upstream):
@@ -950,6 +1074,7 @@ def test_token_to_screen_of_a_long_markdown_reply(chat_page, upstream):
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "token-latency.txt").write_text(report + "\n")
     print(report)
-    # Never much below zero: the send time is noted just after the write, so it can trail it a little.
-    assert min(to_dom) > -5
+    # Never much below zero: the send time is noted just after the write, so it can trail it, by as
+    # much as the fake upstream's thread waits for the GIL (8 ms seen with the two cores loaded).
+    assert min(to_dom) > -25
     assert statistics.median(to_screen) < 50  # coarse: a frame or two, not a growing backlog

@@ -10,10 +10,11 @@ from email.utils import formatdate
 
 import pytest
 
-from app import create_app
+from app import DEFAULTS, create_app
 from chat_client import post_chat
 from fake_upstream import API_KEY
-from live_servers import FAST_LIFECYCLE, Gunicorns, wait_for
+from live_servers import FAST_LIFECYCLE, Gunicorns, healthz, wait_for
+from upstream import DemoStream, Upstream
 
 HI = {"messages": [{"role": "user", "content": "Hi"}]}
 
@@ -67,6 +68,34 @@ def test_a_server_that_refuses_stream_options_is_asked_again_without_them(start_
     assert first.text == second.text == "ok"
     assert first.data[-2]["usage"] is None  # the server gives none without stream_options
     assert ["stream_options" in r.body for r in upstream.received] == [True, False, False]  # remembered
+
+
+# --- Upstream, on its own: what a host's view needs ---------------------------------------------------
+
+
+def read_all(stream):
+    deltas = []
+    while not stream.finished:
+        deltas += stream.read(1.0)
+    stream.close()
+    return "".join(text for _, text in deltas)
+
+
+def test_an_upstream_opens_with_nothing_but_a_model_and_messages(upstream):
+    """No parameters and no client check: the reply is still capped at CHAT_MAX_OUTPUT_TOKENS."""
+    upstream.reset(tokens=["just ", "this"])
+    config = {**DEFAULTS, "OPENAI_BASE_URL": upstream.url, "OPENAI_API_KEY": API_KEY}
+    stream = Upstream(config).open("gpt-test", HI["messages"])
+
+    assert read_all(stream) == "just this"
+    assert (stream.finish_reason, stream.reader, stream.api) == ("stop", "socket", "chat")
+    assert upstream.received[0].body["max_tokens"] == DEFAULTS["CHAT_MAX_OUTPUT_TOKENS"]
+
+
+def test_with_no_key_and_no_server_the_upstream_is_the_demo():
+    stream = Upstream({**DEFAULTS, "CHAT_DEMO_WORD_SECONDS": 0}).open("any", HI["messages"], {"temperature": 1})
+    assert isinstance(stream, DemoStream)
+    assert read_all(stream).startswith("Hello! I am the built-in demo model")
 
 
 # --- Retries and what they wait for --------------------------------------------------------------------
@@ -217,3 +246,40 @@ def test_fields_of_the_wrong_type_from_the_upstream_are_ignored(dialect_gunicorn
     assert reply.data[-1] == "[DONE]"
     assert reply.data[-2]["usage"] is None  # "many" is not a usage object
     assert "Traceback" not in dialect_gunicorn.log()
+
+
+# --- Hostile upstreams: what they send ends their stream, and never the worker ----------------------
+
+
+@pytest.fixture(scope="module")
+def hostile_gunicorn(fake_upstream_server, tmp_path_factory):
+    """One worker, so that a frozen event loop would also freeze its /healthz."""
+    with Gunicorns(tmp_path_factory, fake_upstream_server.url) as gunicorns:
+        yield gunicorns.start(FAST_LIFECYCLE, name="hostile")
+
+
+BAD_SIZE_LINES = [b"-6", b"-ff", b" -6", b"+6", b"0x6", b"6_0", b"6 ", b"", b"g", b"1" * 17, b"6\x00", b"6\n"]
+
+
+@pytest.mark.parametrize("size_line", BAD_SIZE_LINES, ids=lambda line: repr(line)[2:-1])
+def test_a_malformed_chunk_size_ends_the_stream_and_never_the_worker(hostile_gunicorn, upstream, size_line):
+    """RFC 9112 allows 1+ hex digits and extensions; a size like -6 used to loop the decoder for good."""
+    upstream.reset(tokens=["a", "b"], raw_framing=size_line + b"\r\nhello\r\n")
+    reply = post_chat(hostile_gunicorn.url, HI, timeout=5)
+
+    assert reply.text == "a"
+    assert reply.data[-1] == {"content": "", "error": reply.data[-1]["error"], "code": "upstream_malformed"}
+    assert upstream.received[0].hung_up.wait(2)
+    assert healthz(hostile_gunicorn) == {"status": "ok", "open_streams": 0}
+
+
+def test_a_deeply_nested_json_line_is_malformed_not_our_bug(hostile_gunicorn, upstream):
+    """json.loads raises RecursionError, not ValueError, on [[[[...]]]]: it is still the upstream's fault."""
+    nested = b"[" * 100_000 + b"]" * 100_000  # under the 256 KB line cap
+    upstream.reset(tokens=["a"], raw_events=[b"data: " + nested + b"\n\n"])
+    reply = post_chat(hostile_gunicorn.url, HI, timeout=5)
+
+    assert reply.data[-1]["code"] == "upstream_malformed"
+    assert wait_for(lambda: log_lines(hostile_gunicorn, "upstream_malformed"))
+    assert "Traceback" not in hostile_gunicorn.log()
+    assert "relay_error" not in hostile_gunicorn.log()
