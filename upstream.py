@@ -97,7 +97,11 @@ class Upstream:
         extra = json.loads(self.config["CHAT_EXTRA_BODY"] or "{}") or None
 
         def create(sdk):
-            return sdk.chat.completions.with_streaming_response.create(**body, extra_body=extra)
+            # The SDK's lower-level call: the same request, auth, base URL and typed errors as
+            # chat.completions.create(), without its TypedDict transform of the body (~0.5 ms of CPU
+            # per request) and without the response objects it would keep for the whole stream.
+            options = {"extra_json": extra} if extra else {}
+            return sdk.post("/chat/completions", body=body, options=options, cast_to=httpx2.Response, stream=True)
 
         return self.send(create, body, ChatChunks, client_left)
 
@@ -119,7 +123,7 @@ class Upstream:
         while True:
             try:
                 with watching(client_left, self.config["CHAT_HEARTBEAT_SECONDS"]):
-                    response = create(self.next_sdk_client()).__enter__()  # a 4xx/5xx raises here
+                    response = create(self.next_sdk_client())  # a 4xx/5xx raises its typed error here
                 return ModelStream.of(response, dialect())
             except openai.APIStatusError as exc:
                 if self.drop_refused(exc, body):
@@ -239,7 +243,7 @@ class ModelStream:
 
     @classmethod
     def of(cls, response, dialect):
-        """Read `response` (an openai APIResponse) from its socket when it can be, else through httpx.
+        """Read `response` (httpx2's, its body not read yet) from its socket when it can be, else through httpx.
 
         The socket path needs our own connection (HeadFirstStream) with nothing read past the head,
         and a body that is chunked and not compressed. Anything else (a Content-Length, a
@@ -247,15 +251,14 @@ class ModelStream:
         a silence. TLS needs no exception: an SSL socket's recv() returns what it has already
         decrypted before it waits.
         """
-        http = response.http_response
-        connection = http.extensions.get("network_stream")
-        plain = http.headers.get("content-encoding", "identity") == "identity"
-        chunked = http.headers.get("transfer-encoding", "").lower() == "chunked"
+        connection = response.extensions.get("network_stream")
+        plain = response.headers.get("content-encoding", "identity") == "identity"
+        chunked = response.headers.get("transfer-encoding", "").lower() == "chunked"
         if isinstance(connection, HeadFirstStream) and connection.at_body and plain and chunked:
             leftover, connection.pending = connection.pending, b""  # what httpcore's head read left over
             body = SocketBody(connection.get_extra_info("socket"), leftover)
         else:
-            connection, body = None, HttpxBody(http.iter_raw() if plain else http.iter_bytes())
+            connection, body = None, HttpxBody(response.iter_raw() if plain else response.iter_bytes())
         return cls(body, dialect, lambda finished: finish_response(response, body, connection, finished))
 
     def read(self, timeout):
@@ -300,7 +303,7 @@ def finish_response(response, body, connection, finished):
         if body.ended:
             connection.pending = b"0\r\n\r\n"  # httpx reads the end of the body, and pools the connection
             with contextlib.suppress(httpx2.HTTPError):
-                response.http_response.read()
+                response.read()
     response.close()
 
 
