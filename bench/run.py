@@ -625,7 +625,10 @@ def run_s8(subjects, p, options):
             continue  # the peers and the floor have no resume
         upstream_args = {"tokens": p["tokens"], "interval": 1 / p["rate"]}
         timeout = p["ramp"] + p["tokens"] / p["rate"] + 30
+        # A resumed reader is a stream of its own while its generation still holds a slot: room for both.
+        both = 2 * p["streams"]
         flags = {"cut_after": p["cut_after"], "pause": p["pause"]}
+        flags["settings"] = {"CHAT_MAX_STREAMS": str(both + 50), "GUNICORN_WORKER_CONNECTIONS": str(both + 100)}
         result = measured(options, subject, "S8", upstream_args, p["streams"], p["ramp"], timeout, **flags)
         resumed = result.get("resumed") or {}
         result["kb_per_kept_stream"] = (
