@@ -1,18 +1,24 @@
 """Stream an LLM's chat reply to the browser as Server-Sent Events.
 
-One Flask module: ``POST /api/chat`` takes ``{"messages": [...]}`` and answers with
-``text/event-stream``, one ``data: {"content": ...}`` event per token and ``data: [DONE]``
-at the end; ``POST /api/ui-chat`` is the same chat in the Vercel AI SDK's protocol, for its
-``useChat``. The upstream is any OpenAI-compatible server, reached with the official
-``openai`` SDK; with neither ``OPENAI_API_KEY`` nor ``OPENAI_BASE_URL`` set, a built-in
-demo model answers, so everything runs offline.
+``POST /api/chat`` takes ``{"messages": [...]}`` and answers with ``text/event-stream``, one
+``data: {"content": ...}`` event per token and ``data: [DONE]`` at the end; ``POST /api/ui-chat``
+is the same chat in the Vercel AI SDK's protocol, for its ``useChat``. The upstream is any
+OpenAI-compatible server, reached with the official ``openai`` SDK; with neither ``OPENAI_API_KEY``
+nor ``OPENAI_BASE_URL`` set, a built-in demo model answers, so everything runs offline.
+
+This file is the request's story; three siblings hold what is self-contained: upstream.py (the
+model's side), protocols.py (the request's checks and the wire formats) and operate.py (metrics and
+the doctor, loaded only when used). None of them imports this one.
 
 Run it:   gunicorn -c gunicorn.conf.py 'app:create_app()'    (production: gevent workers)
           flask --app app run                              (development)
 Mount it: from app import chat; other_app.register_blueprint(chat, url_prefix="/assistant")
+Relay in your own view: return relay_response(upstream_stream, EventStream(), your_app.config)
 Check it: flask --app app doctor https://chat.example.com/      (the whole path to the browser: operate.py)
 """
 
+import contextlib
+import functools
 import hmac
 import json
 import logging
@@ -24,16 +30,31 @@ import socket
 import threading
 import time
 import uuid
+from collections import ChainMap
+from typing import Protocol
 
 import click
-import gevent
 import openai
-from flask import Blueprint, Flask, Response, current_app, jsonify, request
-from gevent.monkey import get_original, is_module_patched
+from flask import Blueprint, Flask, Response, current_app, has_app_context, jsonify, request, url_for
+from gevent.monkey import get_original
 from greenlet import GreenletExit  # how gevent stops a stream that outlives the worker's graceful_timeout
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException
 
-from protocols import EventStream, UIMessageStream, check_content, is_text, native_body
+import resume
+from protocols import (
+    REQUEST_ID,
+    ApiError,
+    EventStream,
+    UIMessageStream,
+    allowed_models,
+    comma_list,
+    in_range,
+    native_body,
+    one_of,
+    parse_chat_request,
+    read_json,
+    require_json,
+)
 from upstream import SOCKET_BUFFER, ClientLeft, StreamTimeout, Upstream, UpstreamError, refusal, uses_demo
 
 log = logging.getLogger("chat")
@@ -69,21 +90,18 @@ DEFAULTS = {
     "CHAT_MAX_TOKENS_FIELD": "auto",  # max_tokens or max_completion_tokens; auto: the latter for OpenAI only
     "CHAT_EXTRA_BODY": "",  # a JSON object merged into every upstream request, e.g. {"chat_template_kwargs": ...}
     "CHAT_METRICS": "",  # 1: count streams for Prometheus at /metrics (operate.py); unset or 0: nothing is loaded
+    "CHAT_RESUME_SECONDS": 60.0,  # a reply goes on this long with no reader, for one to come back (0: ends at once)
+    "CHAT_RESUME_KEEP_SECONDS": 300.0,  # a finished reply can be read again this long
+    "CHAT_RESUME_MAX_BYTES": 2_097_152,  # a stream's log keeps its last this many bytes; a resume before them gets 409
+    "CHAT_RESUME_WORKER_BYTES": 268_435_456,  # one worker's logs; past it the finished ones go first, oldest first
+    "CHAT_RESUME_READERS": 4,  # readers one stream may have at once, besides the one that asked for it
+    "CHAT_RESUME_DIR": "",  # the logs shared by one VM's workers (gunicorn.conf.py sets it); empty: this process's
+    "CHAT_RESUME_REDIS_URL": "",  # redis://host:6379/0: the logs in Redis, shared by several VMs
 }
 
 
 class SettingError(Exception):
     """A setting the service cannot run with; the message is one sentence naming it."""
-
-
-def in_range(low, high, above=False, kind=(int, float)):
-    """Return a check: a number of `kind` (never a bool) from low (or above it) to high."""
-    return lambda v: isinstance(v, kind) and not isinstance(v, bool) and (v > low if above else v >= low) and v <= high
-
-
-def one_of(*choices):
-    """Return a check that a value is one of `choices`, and what it must be."""
-    return lambda v: v in choices, f"one of {', '.join(choices)}"  # a tuple: `[] in` it is False, not a TypeError
 
 
 def json_object(text):
@@ -96,7 +114,7 @@ def json_object(text):
 SECONDS = (in_range(0, 86400, above=True), "a number of seconds above 0, at most 86400")
 WAIT = (in_range(0, 3600), "a number of seconds from 0 to 3600")
 COUNT = (in_range(1, math.inf, kind=int), "an integer of at least 1")
-SETTING_RULES = {  # setting: (check, what it must be); checked when the app is created
+SETTING_RULES = {  # setting: (check, what it must be); checked when the blueprint is registered
     **{key: (lambda v: isinstance(v, str), "a string") for key, v in DEFAULTS.items() if isinstance(v, str)},
     "CHAT_MODEL": (lambda v: isinstance(v, str) and v.strip() != "", "a model's name"),
     "CHAT_HEARTBEAT_SECONDS": (in_range(0.1, 3600), "a number of seconds from 0.1 to 3600"),
@@ -112,6 +130,15 @@ SETTING_RULES = {  # setting: (check, what it must be); checked when the app is 
     "CHAT_MAX_TOKENS_FIELD": one_of("auto", "max_tokens", "max_completion_tokens"),
     "CHAT_EXTRA_BODY": (json_object, "a JSON object"),
     "CHAT_METRICS": (lambda v: v in ("", "0", "1"), "1 (on), or 0 or unset (off)"),
+    "CHAT_RESUME_SECONDS": WAIT,
+    "CHAT_RESUME_KEEP_SECONDS": SECONDS,
+    "CHAT_RESUME_MAX_BYTES": (in_range(4096, 2**32, kind=int), "an integer from 4096 to 4294967296"),
+    "CHAT_RESUME_WORKER_BYTES": (in_range(4096, math.inf, kind=int), "an integer of at least 4096"),
+    "CHAT_RESUME_READERS": (in_range(1, resume.MAX_READERS, kind=int), f"an integer from 1 to {resume.MAX_READERS}"),
+    "CHAT_RESUME_REDIS_URL": (
+        lambda v: v == "" or v.startswith(("redis://", "rediss://", "unix://")),
+        "a redis:// URL",
+    ),
 }
 
 
@@ -152,44 +179,26 @@ def check_origins(origins):
             raise SettingError(f"CHAT_CORS_ORIGINS must list origins such as https://app.example, not {origin!r}.")
 
 
-def comma_list(value):
-    """Split a comma-separated setting into its non-empty items."""
-    return [item.strip() for item in value.split(",") if item.strip()]
-
-
-def allowed_models(config):
-    """Return the models a request may name: CHAT_MODELS, or just CHAT_MODEL."""
-    return comma_list(config["CHAT_MODELS"]) or [config["CHAT_MODEL"]]
-
-
-# --- The request: validate, open the upstream, return the stream ---------------------------------
+# --- The request: check it, open the upstream, relay its reply ----------------------------------
 
 # The page's files get their own URL path: an app's /static would shadow an unprefixed blueprint's.
 # Its one CLI command is the app's own: `flask --app app doctor`, not `flask --app app chat doctor`.
 chat = Blueprint("chat", __name__, static_folder="static", static_url_path="/chat-static", cli_group=None)
 
 
-class ApiError(HTTPException):
-    """Every failure before the stream: an HTTP status, a code for programs and a sentence for people."""
-
-    def __init__(self, status, code, message, headers=None):
-        super().__init__(message)
-        # Werkzeug calls the HTTP status `code`; the body's short code for programs is `error_code`.
-        self.code, self.error_code, self.headers = status, code, headers or {}
-
-
 @chat.post("/api/chat")
 def chat_reply():
-    """Validate, open the upstream, then stream: every failure before the first byte is an HTTP status."""
+    """Check the request, open the upstream, then stream: every failure before the first byte is an HTTP status."""
     config = current_app.config
     check_token(config["CHAT_API_TOKEN"])
     if "diagnostic" in request.args:  # `flask doctor`'s stream: at the chat's URL, so it takes the chat's proxy path
         require_json()  # or any site could open diagnostic streams from its visitors' browsers, with a form
-        import operate
-
-        return operate.diagnostic(request.args, config, relay_diagnostic)
+        return diagnostic(config)
+    if last_event_id := request.headers.get("Last-Event-ID"):  # a client's retry (fetch-event-source): never paid twice
+        named = resume.parse_event_id(last_event_id)
+        return resume_reply(named[0] if named else "-", last_event_id)
     model, messages, params = parse_chat_request(config, read_json(config))
-    return stream_reply(config, model, messages, params, EventStream())
+    return open_reply(config, model, messages, params, EventStream())
 
 
 @chat.post("/api/ui-chat")
@@ -197,23 +206,20 @@ def ui_chat():
     """The same chat for the AI SDK's useChat: its request body in, its UI message stream out."""
     config = current_app.config
     check_token(config["CHAT_API_TOKEN"])
-    try:
-        body = native_body(read_json(config))
-    except ValueError as exc:  # the message names the field as the AI SDK spells it
-        raise invalid(str(exc)) from None
-    model, messages, params = parse_chat_request(config, body)
-    return stream_reply(config, model, messages, params, UIMessageStream())
+    body = read_json(config)
+    model, messages, params = parse_chat_request(config, native_body(body))
+    return open_reply(config, model, messages, params, UIMessageStream(), chat_id=body.get("id"))
 
 
-def stream_reply(config, model, messages, params, events):
-    """Open the upstream, then return the response that relays it, encoded by `events` (one per protocol)."""
+def open_reply(config, model, messages, params, encoder, chat_id=None):
+    """Take one of the worker's stream slots, open the upstream, and return the Response that relays it."""
     worker = worker_state(current_app)
     if not worker.slots.acquire():
         raise ApiError(503, "too_many_streams", "The server is busy. Please try again shortly.", {"Retry-After": "5"})
     requested_at = time.monotonic()
-    client = Client.of_request(config)
     try:
-        upstream = worker.upstream.open(model, messages, params, client.has_left)
+        browser = BrowserSocket.of_request(config)
+        upstream = worker.upstream.open(model, messages, params, browser.has_left)
     except (openai.OpenAIError, ClientLeft) as exc:
         worker.slots.release()
         refused = ApiError(*refusal(exc, model))
@@ -223,26 +229,42 @@ def stream_reply(config, model, messages, params, events):
     except BaseException:
         worker.slots.release()  # any other failure (a bug, a worker stopping) must not keep the slot either
         raise
-    return respond(upstream, events, client, config, model, requested_at, worker.slots.release, metrics(config))
-
-
-def respond(upstream, events, client, config, model, requested_at, release, watch=None):
-    """Return the Response that relays `upstream`; `release` is called however it ends."""
-    stream_id = request_id()
-    response = Response(
-        relay(upstream, events, client, config, stream_id, model, requested_at, watch),
-        # No "Connection: keep-alive": it is hop-by-hop, gunicorn drops it and HTTP/2 forbids it.
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": stream_id, **events.headers},
-        content_type=events.media_type,  # text/event-stream is UTF-8 by definition: no charset needed
+    owner, new_secret = owner_of_new_stream()
+    stream_log = resume_logs(current_app).create(owner, resume.chat_key(owner, chat_id) if chat_id else None)
+    if stream_log is None and (meter := metrics(config)):
+        meter.unresumable()  # its log's store failed (Redis down, a full disk) or its budget is spent
+    response = relay_response(
+        upstream,
+        encoder,
+        config,
+        model=model,
+        watcher=metrics(config),
+        requested_at=requested_at,
+        stream_log=stream_log,
     )
-    response.call_on_close(release)  # called by the server however the response ends
+    # Called by the server however the response ends, once the stream's generation has ended too.
+    response.call_on_close(worker.slots.release)
+    if new_secret:
+        set_owner_cookie(response, new_secret)
     return response
 
 
-def relay_diagnostic(stream, config, release):
-    """Relay operate.py's diagnostic stream like a model's reply, in the native format; no model is called."""
-    client = Client.of_request(config)
-    return respond(stream, EventStream(), client, config, "diagnostic", time.monotonic(), release, stream)
+def diagnostic(config):
+    """Answer `flask doctor` (operate.py): how a diagnostic stream ended, or one through the real relay."""
+    import operate
+
+    if request.args.get("diagnostic") == "report":
+        return operate.report(request.args.get("id", ""))
+    stream = operate.diagnostic_stream(request.args, config["CHAT_HEARTBEAT_SECONDS"])  # holds one of its slots
+    try:
+        response = relay_response(
+            stream, EventStream(), {**config, **stream.limits}, model="diagnostic", watcher=stream
+        )
+    except BaseException:
+        stream.release()
+        raise
+    response.call_on_close(stream.release)
+    return response
 
 
 def check_token(token):
@@ -252,249 +274,501 @@ def check_token(token):
         raise ApiError(401, "unauthorized", "Send Authorization: Bearer <token>.", {"WWW-Authenticate": "Bearer"})
 
 
-ROLES = ("system", "developer", "user", "assistant")  # a tuple: `[] in ROLES` is False, not a TypeError
-MESSAGE_FIELDS = {"role", "content", "name"}
-
-
-def is_stop(value):
-    return is_text(value) or (isinstance(value, list) and len(value) <= 4 and all(map(is_text, value)))
-
-
-# The OpenAI parameters a request may set: name -> (check, what the 400 says it must be).
-PARAMETERS = {
-    "temperature": (in_range(0, 2), "a number from 0 to 2"),
-    "top_p": (in_range(0, 1, above=True), "a number above 0, at most 1"),
-    "max_tokens": (in_range(1, math.inf, kind=int), "an integer of at least 1"),
-    "stop": (is_stop, "a string or a list of up to 4 strings"),
-    "seed": (in_range(-(2**63), 2**63 - 1, kind=int), "a 64-bit integer"),
-    "presence_penalty": (in_range(-2, 2), "a number from -2 to 2"),
-    "frequency_penalty": (in_range(-2, 2), "a number from -2 to 2"),
-    "reasoning_effort": one_of("none", "minimal", "low", "medium", "high"),
-}
-REQUEST_FIELDS = {"messages", "model", *PARAMETERS}
-
-
-class BodyTimeout(Exception):
-    """The request's body took longer than CHAT_BODY_TIMEOUT to arrive."""
-
-
-def require_json():
-    """Refuse a body that is not JSON. A page on another site can POST a form or text/plain here unasked;
-    JSON needs a CORS preflight first, which only CHAT_CORS_ORIGINS pass."""
-    if request.mimetype != "application/json":
-        raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json.")
-
-
-def read_json(config):
-    """Return the request's JSON body, or raise ApiError: not JSON, too large, not UTF-8, too deep."""
-    require_json()
-    limit = request.max_content_length = config["CHAT_MAX_BODY_BYTES"]
-    # A body that trickles in would hold its connection for good: under gevent, cut it at a total time.
-    allowed = config["CHAT_BODY_TIMEOUT"] if is_module_patched("socket") else None  # None: no timer at all
-    try:
-        with gevent.Timeout(allowed, BodyTimeout):
-            data = request.get_data(cache=False)  # 413 at once for a Content-Length over the limit
-            if len(data) == limit:  # a chunked body is cut off at the limit silently: reading on says 413
-                request.stream.read(1)
-        body = json.loads(data.decode("utf-8"))
-    except BodyTimeout:
-        raise ApiError(408, "body_timeout", f"The body was not all sent within {allowed:g} s.") from None
-    except RequestEntityTooLarge:
-        raise ApiError(413, "body_too_large", f"The body is larger than {limit - 1} bytes.") from None
-    except UnicodeDecodeError:
-        raise invalid("The body is not UTF-8.") from None
-    except RecursionError:
-        raise invalid("The body is nested too deeply.") from None
-    except ValueError as exc:
-        raise invalid(f"The body is not valid JSON: {exc}.") from None
-    return body
-
-
-def parse_chat_request(config, body):
-    """Return (model, messages, parameters to send) from the request's body, or raise ApiError naming the field."""
-    if not isinstance(body, dict):
-        raise invalid("The body must be a JSON object.")
-    unknown = sorted(set(body) - REQUEST_FIELDS)
-    if unknown:
-        raise invalid(f"Unknown field: {unknown[0][:100]}.")
-
-    model = body.get("model", config["CHAT_MODEL"])
-    if model not in allowed_models(config):
-        named = model[:100] if isinstance(model, str) else "not a string"
-        raise invalid(f"Unknown model: {named}. Allowed: {', '.join(allowed_models(config))}.")
-    params = {name: body[name] for name in PARAMETERS if name in body}
-    for name, value in params.items():
-        if not PARAMETERS[name][0](value):
-            raise invalid(f"{name} must be {PARAMETERS[name][1]}.")
-    params["max_tokens"] = min(params.get("max_tokens", math.inf), config["CHAT_MAX_OUTPUT_TOKENS"])
-
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise invalid("messages must be a non-empty list.")
-    if len(messages) > config["CHAT_MAX_MESSAGES"]:
-        limit = config["CHAT_MAX_MESSAGES"]
-        raise ApiError(400, "too_many_messages", f"The conversation has more than {limit} messages.")
-    images = 0
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise invalid(f"messages[{i}] must be an object.")
-        unknown = sorted(set(message) - MESSAGE_FIELDS)
-        if unknown:
-            raise invalid(f"messages[{i}] has an unknown field: {unknown[0][:100]}.")
-        if message.get("role") not in ROLES:
-            raise invalid(f"messages[{i}].role must be one of {', '.join(ROLES)}.")
-        if "name" in message and not is_text(message["name"]):
-            raise invalid(f"messages[{i}].name must be a string (no lone surrogates).")
-        try:
-            images += check_content(message.get("content"), f"messages[{i}].content", message["role"], config)
-        except ValueError as exc:
-            raise invalid(str(exc)) from None
-    if images > config["CHAT_MAX_IMAGES"]:
-        raise invalid(f"The conversation has {images} images; at most {config['CHAT_MAX_IMAGES']} are allowed.")
-    if config["CHAT_SYSTEM_PROMPT"]:
-        messages = [{"role": "system", "content": config["CHAT_SYSTEM_PROMPT"]}, *messages]
-    return model, messages, params
-
-
-def invalid(message):
-    """A 400 for a body we cannot use; the message names the field."""
-    return ApiError(400, "invalid_request", message)
-
-
-# --- The relay: upstream deltas in, SSE events out, in one greenlet per stream -------------------
+# --- The relay: its three contracts, its door, and its loop ----------------------------------------
 #
 # Why one greenlet: a reader greenlet and a queue cost twice the CPU per event, and let a client that
 # stops reading pin the stream while the queue grows. Instead the response generator reads the
-# upstream itself (upstream.ModelStream: straight from the socket, or through httpx for a body it
-# cannot read that way), waiting no longer than until the next heartbeat or the nearest deadline.
-# A wait that ends with nothing read is a heartbeat due or a deadline passed: no timer, no second
-# greenlet. It writes what it read before it reads more, so a stream holds one read's worth of the
-# reply, and before each write it waits for the client's socket to have room, at most
-# CHAT_SEND_TIMEOUT. gevent makes every wait cooperative; under the dev server each stream is a thread.
+# upstream itself, waiting no longer than until the next heartbeat or the nearest deadline. A wait
+# that ends with nothing read is a heartbeat due or a deadline passed: no timer, no second greenlet.
+# Each read becomes one block of bytes, written before the next read, so a stream holds one read's
+# worth of the reply; before each write the relay waits for the browser's socket to have room, at
+# most CHAT_SEND_TIMEOUT. gevent makes every wait cooperative; under the dev server each stream is a
+# thread. The three contracts below are structural: nothing has to import this module to meet them.
 
 
-class ClientStalled(Exception):
-    """The client took no bytes for CHAT_SEND_TIMEOUT; nothing more can be written to it."""
+class UpstreamStream(Protocol):
+    """What the relay reads: upstream.py's ModelStream and DemoStream, operate.py's diagnostic stream, or yours."""
+
+    reader: str  # how it reads, for the stream's log line: "socket", "httpx", "demo", ...
+    finished: bool  # true once the reply is complete; then finish_reason and usage are final
+    finish_reason: str | None  # "stop", "length", ...
+    usage: dict | None  # the upstream's token counts, or None
+
+    def read(self, timeout: float) -> list[tuple[str, str]]:
+        """Return the ("content" or "reasoning", text) deltas that arrived within `timeout` seconds; [] if none.
+
+        Raise upstream.UpstreamError (its code and sentence become the error event) when the reply fails.
+        """
+
+    def close(self) -> None:
+        """Let the reply go; the relay calls it exactly once, however the stream ends."""
 
 
-DEADLINES = {  # code: (setting, message for a person)
-    "first_token_timeout": ("CHAT_FIRST_TOKEN_TIMEOUT", "The model took too long to start answering."),
-    "idle_timeout": ("CHAT_IDLE_TIMEOUT", "The model stopped answering."),
-    "max_duration": ("CHAT_MAX_DURATION", "The reply took too long and was stopped."),
-}
+class Encoder(Protocol):
+    """How one protocol frames a reply (protocols.py: EventStream, UIMessageStream): each method returns bytes."""
+
+    media_type: str  # the response's Content-Type
+    headers: dict  # more response headers the protocol wants
+
+    def opened(self) -> bytes: ...  # sent first, with the headers
+    def delta(self, kind: str, text: str) -> bytes: ...  # kind: "content" or "reasoning"
+    def ping(self) -> bytes: ...  # a heartbeat in a silence
+    def end(self, finish_reason: str | None, usage: dict | None) -> bytes: ...  # the complete reply's last bytes
+    def error(self, code: str, message: str) -> bytes: ...  # a failure after the first byte; nothing follows
 
 
-def relay(upstream, events, client, config, stream_id, model, requested_at, watch=None):
-    """Yield the SSE events of one reply, with heartbeats in silences; close the upstream however we leave.
+class Watcher(Protocol):
+    """Who hears a stream open and, once, how it ended (operate.py's Metrics and diagnostic stream); never per event."""
+
+    def opened(self, stream_id: str) -> None: ...
+
+    def ended(self, outcome: str, code: str | None, first: dict, duration: float, usage: dict, deltas: int) -> None:
+        """`outcome` as the log line's end=; `code` the error event's, or the finish reason; `first` maps
+        "content" and "reasoning" to the seconds from the request to its first delta."""
+
+
+def relay_response(upstream, encoder, config=None, *, model="-", watcher=None, requested_at=None, stream_log=None):
+    """Return the Response that relays `upstream` to this request's browser, framed by `encoder`.
+
+    The relay's one door, for the blueprint's views and a host's own alike. `config` is an app's
+    config or any mapping (None: current_app's); a setting it lacks takes its DEFAULTS value.
+    `model` names the stream in its log line, `watcher` hears it open and end, and `requested_at`
+    (time.monotonic(), default now) is when the request came: the first output's deadline counts from it.
+    `stream_log` (resume.py's writer of the stream's log, or None) makes the reply resumable: every event
+    gets its `id:` and goes to the log too, and a reader that leaves does not end the reply at once.
+    """
+    settings = ChainMap(current_app.config if config is None else config, DEFAULTS)
+    log.addFilter(REDACTING)  # once; and so the chat log is redacted with no blueprint registered too
+    record = StreamRecord(request_id(), model, requested_at or time.monotonic(), watcher, secrets_of(settings))
+    reply = Reply(upstream, encoder, settings, record, stream_log)
+    response = stream_response(relay(reply, BrowserSocket.of_request(settings)), encoder, record.stream_id)
+    if stream_log is not None:
+        response.headers["X-Stream-Id"] = stream_log.stream_id
+    return response
+
+
+def stream_response(blocks, encoder, request_id):
+    """Return the Response that streams `blocks`, with the headers every stream has."""
+    return Response(
+        blocks,
+        # No "Connection: keep-alive": it is hop-by-hop, gunicorn drops it and HTTP/2 forbids it.
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": request_id} | encoder.headers,
+        content_type=encoder.media_type,  # text/event-stream is UTF-8 by definition: no charset needed
+    )
+
+
+def relay(reply, browser):
+    """Yield the reply's blocks to the browser as they come, a heartbeat in each silence; close it however we leave.
 
     Every way out (done, error, timeout, client gone or stalled, worker shutdown) closes the upstream
     once and logs one line. A client that hangs up makes gunicorn close this generator (GeneratorExit
-    at a yield). `watch` (the metrics, or a diagnostic stream's record) hears when the stream opens
-    and, once, how it ended: never per event.
+    at a yield): never catch BaseException here, or that stops working.
     """
-    started = last_output = last_write = time.monotonic()
-    first = {}  # kind of output ("content", "reasoning"): seconds from the request to its first delta
-    counts = {"content": 0, "reasoning": 0}
-    show = {"content", "reasoning"} if config["CHAT_REASONING"] == "show" else {"content"}
-    outcome, error = None, None  # error: the code of the error event sent, if one was
-    if watch:
-        watch.opened(stream_id)
     try:
-        yield events.opened()
-        while not upstream.finished:
-            code, deadline = nearest_deadline(config, requested_at, last_output, bool(first))
-            heartbeat_at = last_write + config["CHAT_HEARTBEAT_SECONDS"]
-            deltas = upstream.read(min(heartbeat_at, deadline) - time.monotonic())
-            now = time.monotonic()
-            if deltas:
-                last_output = now  # thinking is output too: it resets every deadline but the total
-                for kind, _ in deltas:
-                    first.setdefault(kind, now - requested_at)
-                    counts[kind] += 1
-                shown = [(kind, text) for kind, text in deltas if kind in show]
-                if not shown:
-                    continue
-                data = b"".join([events.delta(kind, text) for kind, text in shown])  # one write for all
-            elif now >= deadline:
-                raise StreamTimeout(DEADLINES[code][1], code)
-            elif now >= heartbeat_at:
-                if client.has_left():
-                    outcome = "client_gone"
+        yield reply.opened()
+        while not reply.over:
+            block = reply.read(until=browser.last_write + reply.heartbeat)
+            if block is None:  # a heartbeat's worth of silence: is anyone still there?
+                if browser.has_left():
+                    reply.record.end("client_gone")
                     return
-                data = events.ping()
-            else:
-                continue
-            yield from client.send(data, deadline)
-            last_write = time.monotonic()
-        yield from client.send(events.end(upstream.finish_reason, upstream.usage))
-        outcome = "done"
+                block = reply.encoder.ping()
+            yield from browser.send(block, reply.deadline)
+        reply.record.end("done")
     except ClientStalled:
-        outcome = "client_stalled"
-        client.hang_up()  # the server's last write then fails at once instead of blocking
+        reply.record.end("client_stalled")
+        browser.hang_up()  # the server's last write then fails at once instead of blocking
     except GreenletExit:  # the worker gave up waiting for this stream to end: say so, then stop
-        outcome, error = "shutdown", "server_shutdown"
-        yield events.error(error, "The server is restarting. Please send your message again.")
-    except Exception as exc:  # never BaseException: GeneratorExit must pass through to `finally`
-        outcome = "timeout" if isinstance(exc, StreamTimeout) else "error"
-        if isinstance(exc, UpstreamError):
-            error, message = exc.error_code, str(exc)
-            log.warning("stream %s failed: %s %s", stream_id, error, exc.detail)
-        else:  # a bug of ours, not the upstream's
-            error, message = "relay_error", "The reply failed."
-            log.exception("stream %s failed: %s", stream_id, error)
-        if client.has_room():
-            yield events.error(error, message)
+        yield reply.shut_down()
     finally:
-        upstream.close()
-        outcome = outcome or client.why_closed()  # left at a yield: the server closed us because a write failed
-        duration = time.monotonic() - started
+        reply.close(browser.why_closed())  # left at a yield: the server closed us because a write failed
+
+
+DEADLINES = {  # code: what the error event tells a person
+    "first_token_timeout": "The model took too long to start answering.",
+    "idle_timeout": "The model stopped answering.",
+    "max_duration": "The reply took too long and was stopped.",
+}
+
+
+class Reply:
+    """One reply as blocks of bytes: each upstream read framed by the encoder, then the end or an error event.
+
+    Where a block goes is the caller's (the relay writes it to the browser). Reading keeps the
+    deadlines: first output and total counted from the request, idle from the last output, shown
+    or hidden.
+    """
+
+    def __init__(self, upstream, encoder, settings, record, stream_log=None):
+        self.upstream, self.encoder, self.record = upstream, encoder, record
+        self.heartbeat = settings["CHAT_HEARTBEAT_SECONDS"]
+        self.idle = settings["CHAT_IDLE_TIMEOUT"]
+        self.first_output_by = record.requested_at + settings["CHAT_FIRST_TOKEN_TIMEOUT"]
+        self.ends_by = record.requested_at + settings["CHAT_MAX_DURATION"]
+        self.shown = ("content", "reasoning") if settings["CHAT_REASONING"] == "show" else ("content",)
+        self.over = False  # the last block (the end, or an error) has been given
+        self.code, self.deadline = self.nearest_deadline(None)
+        self.stream_log, self.unread_for = stream_log, settings["CHAT_RESUME_SECONDS"]  # resume.py's writer, or None
+        self.retry = resume.RETRY if stream_log else b""  # sent once, in the first event's block
+        if stream_log is not None:
+            stream_log.on_stop = upstream.close  # a stop asked for, in any greenlet, closes the upstream at once
+
+    def opened(self):
+        self.record.opened()
+        block = self.encoder.opened()
+        return block if block.startswith(b":") else self.logged(block)  # a comment, or an event (the AI SDK's start)
+
+    def read(self, until):
+        """Return the next block, or None if nothing came by `until` (a time.monotonic()): a heartbeat is due."""
+        block = self.next_block(until)
+        if block is None and self.stream_log is not None:
+            self.stream_log.beat()  # a silence: readers elsewhere must not take the producer for dead
+        return block if block is None else self.logged(block)
+
+    def logged(self, block):
+        """Return `block` as a response sends it: with its ids, written to the log (once per read), `retry:` once."""
+        if self.stream_log is None:
+            return block
+        block = self.stream_log.add(block)
+        if self.over:
+            self.stream_log.finish()
+        retry, self.retry = self.retry, b""
+        return retry + block
+
+    def next_block(self, until):
+        try:
+            while not self.upstream.finished:
+                if self.stream_log is not None and self.stream_log.stopping:
+                    return self.stopped()
+                deltas = self.upstream.read(min(until, self.deadline) - time.monotonic())
+                now = time.monotonic()
+                if deltas:
+                    self.record.output(deltas, now)
+                    self.code, self.deadline = self.nearest_deadline(now)  # thinking is output too
+                    shown = [self.encoder.delta(kind, text) for kind, text in deltas if kind in self.shown]
+                    if shown:
+                        return b"".join(shown)  # one write for all the read's deltas
+                elif now >= self.deadline:
+                    raise StreamTimeout(DEADLINES[self.code], self.code)
+                elif now >= until:
+                    return None
+            self.over, self.deadline = True, None
+            return self.encoder.end(self.upstream.finish_reason, self.upstream.usage)
+        except Exception as exc:  # never BaseException: GeneratorExit and GreenletExit must pass
+            if self.stream_log is not None and self.stream_log.stopping:  # the stop closed the upstream under the read
+                return self.stopped()
+            self.over = True
+            return self.encoder.error(*self.record.failed(exc))
+
+    def stopped(self):
+        """Return the end of a reply stopped on request: every reader sees finish_reason "stop" and [DONE]."""
+        self.over = True
+        self.record.end("stopped")
+        return self.encoder.end("stop", self.upstream.usage)
+
+    def nearest_deadline(self, last_output):
+        """Return (code, time.monotonic()) of the deadline that comes first: first output or idle, or the total."""
+        code, at = (
+            ("first_token_timeout", self.first_output_by)
+            if last_output is None
+            else ("idle_timeout", last_output + self.idle)
+        )
+        return ("max_duration", self.ends_by) if self.ends_by < at else (code, at)
+
+    def shut_down(self):
+        """Return the error event for a worker that is stopping."""
+        self.over = True
+        self.record.end("shutdown", "server_shutdown")
+        return self.logged(
+            self.encoder.error("server_shutdown", "The server is restarting. Please send your message again.")
+        )
+
+    def close(self, outcome):
+        """Close the upstream and log how the stream ended: `outcome`, unless the stream already said.
+
+        A resumable reply whose reader left first goes on without one (go_on_unread). Its log always
+        ends with an event, so that a reader that comes back later sees how it ended.
+        """
+        left = self.record.outcome or outcome
+        if self.stream_log is not None and not self.over:
+            if self.unread_for > 0 and left in ("client_gone", "client_stalled"):
+                self.record.outcome = None
+                self.go_on_unread(left)
+            if not self.over:
+                self.over = True
+                self.logged(self.encoder.error("abandoned", "The reply was stopped: nobody was reading it."))
+        self.upstream.close()
+        self.record.end(outcome)
+        self.record.ended(self.upstream)
+
+    def go_on_unread(self, left):
+        """Generate on into the log alone, while a reader may come back: CHAT_RESUME_SECONDS with none attached.
+
+        This runs in the stream's own greenlet, after gunicorn closed its response: a worker told to
+        stop waits for it as for any request (graceful_timeout), then ends it the same way (GreenletExit).
+        The stream's slot is still taken: the server releases it once this returns.
+        """
+        unread_since = time.monotonic()
+        try:
+            while not self.over:
+                now = time.monotonic()
+                if self.stream_log.readers():
+                    unread_since = now
+                elif now >= unread_since + self.unread_for:
+                    self.record.end(left)  # nobody came back: the reply ends as it would have at once
+                    return
+                self.read(until=min(now + self.heartbeat, unread_since + self.unread_for))
+            self.record.end("done")
+        except GreenletExit:
+            self.shut_down()
+
+
+class StreamRecord:
+    """One stream's bookkeeping: when output first came and how much, how it ended, its log line, its watcher."""
+
+    def __init__(self, stream_id, model, requested_at, watcher, secrets):
+        self.stream_id, self.model, self.requested_at = stream_id, model, requested_at
+        self.watcher, self.secrets = watcher, secrets
+        self.started = time.monotonic()
+        self.first = {}  # kind of output ("content", "reasoning"): seconds from the request to its first delta
+        self.counts = {"content": 0, "reasoning": 0}
+        self.outcome = self.code = None  # code: the error event's, if one was sent
+
+    def opened(self):
+        self.started = time.monotonic()
+        if self.watcher:
+            self.watcher.opened(self.stream_id)
+
+    def output(self, deltas, now):
+        for kind, _ in deltas:
+            self.first.setdefault(kind, now - self.requested_at)
+            self.counts[kind] += 1
+
+    def end(self, outcome, code=None):
+        """Say how the stream ended; the first to say wins."""
+        if self.outcome is None:
+            self.outcome, self.code = outcome, code
+
+    def failed(self, exc):
+        """Note that the reply failed with `exc`; return the (code, sentence) its error event carries."""
+        if not isinstance(exc, UpstreamError):  # a bug of ours, not the upstream's
+            self.end("error", "relay_error")
+            log.exception("stream %s failed: relay_error", self.stream_id, extra={"secrets": self.secrets})
+            return "relay_error", "The reply failed."
+        code = exc.error_code
+        self.end("timeout" if isinstance(exc, StreamTimeout) else "error", code)
+        log.warning("stream %s failed: %s %s", self.stream_id, code, exc.detail, extra={"secrets": self.secrets})
+        return code, str(exc)
+
+    def ended(self, upstream):
+        """Log the stream's one line and tell the watcher, once the upstream is closed."""
+        duration = time.monotonic() - self.started
         usage = upstream.usage if isinstance(upstream.usage, dict) else {}
         details = usage.get("completion_tokens_details")
         details = details if isinstance(details, dict) else {}
         log.info(
             "stream %s model=%s end=%s ttfr=%s ttft=%s duration=%.3fs events=%d tokens=%s reasoning=%s reader=%s",
-            stream_id,
-            model,
-            outcome,
-            seconds(first.get("reasoning")),
-            seconds(first.get("content")),
+            self.stream_id,
+            self.model,
+            self.outcome,
+            seconds(self.first.get("reasoning")),
+            seconds(self.first.get("content")),
             duration,
-            counts["content"],
-            usage.get("completion_tokens", counts["content"] + counts["reasoning"]),
-            details.get("reasoning_tokens", counts["reasoning"]),
+            self.counts["content"],
+            usage.get("completion_tokens", self.counts["content"] + self.counts["reasoning"]),
+            details.get("reasoning_tokens", self.counts["reasoning"]),
             upstream.reader,
+            extra={"secrets": self.secrets},
         )
-        if watch:
-            watch.ended(outcome, error or upstream.finish_reason, first, duration, usage, sum(counts.values()))
-
-
-def nearest_deadline(config, requested_at, last_output, answering):
-    """Return (code, monotonic time) of the deadline that comes first: first output or idle, or the total.
-
-    The first output and the total are counted from the request: the wait for the upstream's headers
-    is part of both. Output is content or thinking, shown or hidden.
-    """
-    if answering:
-        code, deadline = "idle_timeout", last_output + config["CHAT_IDLE_TIMEOUT"]
-    else:
-        code, deadline = "first_token_timeout", requested_at + config["CHAT_FIRST_TOKEN_TIMEOUT"]
-    if requested_at + config["CHAT_MAX_DURATION"] < deadline:
-        code, deadline = "max_duration", requested_at + config["CHAT_MAX_DURATION"]
-    return code, deadline
+        if self.watcher:
+            deltas = sum(self.counts.values())
+            self.watcher.ended(self.outcome, self.code or upstream.finish_reason, self.first, duration, usage, deltas)
 
 
 def seconds(value):
     return "-" if value is None else f"{value:.3f}s"
 
 
-# --- The client's end: has it left, will it take bytes ----------------------------------------------
+# --- Resuming: a stream read again from its log -------------------------------------------------------
+#
+# A resumable reply's events are written to its log (resume.py) as they are sent. A reader that
+# comes back names the stream (its id is a capability: 144 random bits) and the last event it has;
+# it must also be the stream's owner: the same CHAT_API_TOKEN, or else the cookie the POST set.
+# Anything else is the same 404, so that a guess learns nothing.
+
+OWNER_COOKIE = "chat_owner"
+OWNER_SECRET = re.compile(r"[A-Za-z0-9_-]{32}")
+
+
+@chat.get("/api/chat/<stream_id>")
+def chat_resume(stream_id):
+    """Read a stream again after its event `Last-Event-ID` (or `?after=`), or from its start."""
+    check_token(current_app.config["CHAT_API_TOKEN"])
+    return resume_reply(stream_id, request.headers.get("Last-Event-ID") or request.args.get("after"))
+
+
+@chat.post("/api/chat/<stream_id>/stop")
+def chat_stop(stream_id):
+    """Stop a stream's generation now (the page's Stop): its log ends with finish_reason "stop"; 204 however often."""
+    check_token(current_app.config["CHAT_API_TOKEN"])
+    with refusals():
+        resume_logs(current_app).stop(stream_id, stream_owner())
+    return "", 204
+
+
+@chat.get("/api/ui-chat/<chat_id>/stream")
+def ui_chat_resume(chat_id):
+    """The AI SDK's resume (useChat's `resume: true`): the chat's latest stream from its start, or 204 if none."""
+    check_token(current_app.config["CHAT_API_TOKEN"])
+    logs, owner = resume_logs(current_app), stream_owner()
+    name = logs.pointed(resume.chat_key(owner, chat_id))
+    try:
+        reader = logs.open_named(name, owner, 0) if name else None
+    except resume.LogRefusal as refusal:
+        if refusal.status != 404:
+            raise ApiError(refusal.status, refusal.code, str(refusal)) from None
+        reader = None
+    return replay_response(reader, UIMessageStream()) if reader else Response(status=204)
+
+
+@chat.post("/api/ui-chat/<chat_id>/stop")
+def ui_chat_stop(chat_id):
+    """Stop the chat's latest stream: the AI SDK's stop() only aborts its fetch, which a resumable reply outlives."""
+    check_token(current_app.config["CHAT_API_TOKEN"])
+    logs, owner = resume_logs(current_app), stream_owner()
+    name = logs.pointed(resume.chat_key(owner, chat_id))
+    if name is None:
+        raise ApiError(*resume.NOT_FOUND)
+    with refusals():
+        logs.stop_named(name, owner)
+    return "", 204
+
+
+def resume_reply(stream_id, last_event_id):
+    """Return the response that reads `stream_id` again after `last_event_id` (None: from its start)."""
+    position = 0
+    if last_event_id:
+        named = resume.parse_event_id(last_event_id)
+        if named is None or named[0] != stream_id:
+            raise ApiError(*resume.NOT_FOUND)
+        position = named[1]
+    with refusals():
+        reader = resume_logs(current_app).open(stream_id, stream_owner(), position)
+    return replay_response(reader, EventStream())
+
+
+def replay_response(reader, encoder):
+    """Return the Response that sends what `reader` reads; a slot of the worker's is taken while it does."""
+    slots = worker_state(current_app).slots
+    if not slots.acquire():
+        reader.close()
+        raise ApiError(503, "too_many_streams", "The server is busy. Please try again shortly.", {"Retry-After": "5"})
+    settings = ChainMap(current_app.config, DEFAULTS)
+    browser = BrowserSocket.of_request(settings)
+    response = stream_response(
+        replay(reader, encoder, browser, settings["CHAT_HEARTBEAT_SECONDS"]), encoder, request_id()
+    )
+    response.headers["X-Stream-Id"] = reader.stream_id
+    response.call_on_close(slots.release)
+    return response
+
+
+def replay(reader, encoder, browser, heartbeat):
+    """Yield a log from the reader's cursor, then live as it grows, to its end; a heartbeat in each silence.
+
+    The bytes are the log's, so a reader gets exactly what the first one did, ids included; only
+    `retry:` (once) and the heartbeats are this response's own.
+    """
+    retry = resume.RETRY
+    try:
+        yield b": ok\n"
+        while not reader.finished:
+            data = reader.read(browser.last_write + heartbeat - time.monotonic())
+            if reader.lost:  # its producer died (kill -9, out of memory): say so rather than wait for ever
+                lost = encoder.error("stream_lost", "The reply was lost. Please send your message again.")
+                yield from browser.send(retry + reader.last_id_line() + lost)
+                return
+            if data:
+                yield from browser.send(retry + data)
+                retry = b""
+            elif time.monotonic() >= browser.last_write + heartbeat and not reader.finished:
+                if browser.has_left():
+                    return
+                yield from browser.send(encoder.ping())
+    except resume.LogRefusal as refusal:  # it fell more than CHAT_RESUME_MAX_BYTES behind the producer
+        yield from browser.send(retry + reader.last_id_line() + encoder.error(refusal.code, str(refusal)))
+    except ClientStalled:
+        browser.hang_up()
+    finally:
+        reader.close()
+
+
+def stream_owner():
+    """Return who asks, as a log keeps its owner: the API token's hash, else the owner cookie's (NOBODY without)."""
+    token = current_app.config["CHAT_API_TOKEN"]
+    secret = token or request.cookies.get(OWNER_COOKIE, "")
+    return resume.owner_key(secret) if token or OWNER_SECRET.fullmatch(secret) else NOBODY
+
+
+NOBODY = bytes(32)  # the owner of no stream: a request without the cookie gets the same 404 as any other
+
+
+def owner_of_new_stream():
+    """Return (owner, a new cookie secret to set, or None): a browser without the cookie gets one now."""
+    owner = stream_owner()
+    if owner != NOBODY:
+        return owner, None
+    secret = resume.new_owner()
+    return resume.owner_key(secret), secret
+
+
+def set_owner_cookie(response, secret):
+    """Bind this browser's streams to it: only it sends the cookie back (HttpOnly: no script reads it)."""
+    path = url_for("chat.chat_reply").rsplit("/", 1)[0]  # /api, or /assistant/api where the blueprint is mounted
+    response.set_cookie(
+        OWNER_COOKIE, secret, max_age=365 * 86400, path=path, httponly=True, samesite="Lax", secure=request.is_secure
+    )
+
+
+@contextlib.contextmanager
+def refusals():
+    """Turn the log's refusals (404, 409, 429) into the one JSON error."""
+    try:
+        yield
+    except resume.LogRefusal as refusal:
+        headers = {"Retry-After": "5"} if refusal.status == 429 else None
+        raise ApiError(refusal.status, refusal.code, str(refusal), headers) from None
+
+
+def resume_logs(app):
+    """Return the worker's stream logs for `app`, made on first use, after gunicorn forked the worker.
+
+    With CHAT_RESUME_REDIS_URL they are in Redis, for several VMs. Else in CHAT_RESUME_DIR, which
+    gunicorn.conf.py makes for all of the master's workers; without it (flask run, one process) in a
+    directory of this process's own.
+    """
+    if "chat.resume" not in app.extensions:
+        settings = ChainMap(app.config, DEFAULTS)
+        if settings["CHAT_RESUME_REDIS_URL"]:
+            logs = resume.RedisLogs(settings["CHAT_RESUME_REDIS_URL"], settings)
+        else:
+            logs = resume.FileLogs(settings["CHAT_RESUME_DIR"], settings)
+        app.extensions["chat.resume"] = logs
+    return app.extensions["chat.resume"]
+
+
+# --- The browser's end: has it left, will it take bytes --------------------------------------------
 
 poll_now = get_original("select", "poll")  # the unpatched one: gevent's would switch to its hub just to ask
 WRITE_PIECE = 16 * 1024  # less than a socket that polls writable has room for, so no write blocks midway
 
 
-class Client:
-    """The client's socket, as the relay needs it: has it left, has it room, is it stalled.
+class ClientStalled(Exception):
+    """The browser took no bytes for CHAT_SEND_TIMEOUT; nothing more can be written to it."""
+
+
+class BrowserSocket:
+    """The browser's socket, as the relay needs it: has it left, has it room, is it stalled.
 
     `sock` is gunicorn's socket for the request (werkzeug's under the dev server), or None when the
     server gives none: the relay then just yields, as any WSGI app does. Asking costs one real
@@ -503,19 +777,24 @@ class Client:
 
     def __init__(self, sock, config):
         self.sock, self.send_timeout, self.writing_since = sock, config["CHAT_SEND_TIMEOUT"], None
+        self.last_write = time.monotonic()
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
             sock.settimeout(self.send_timeout)  # a backstop: a write that still blocks midway gives up too
 
     @classmethod
     def of_request(cls, config):
-        """The client of the request being served: gunicorn's socket, or werkzeug's under the dev server."""
-        return cls(request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket"), config)
+        """The socket of the request being served (gunicorn's, or werkzeug's under the dev server), made once."""
+        environ = request.environ
+        if "chat.browser_socket" not in environ:
+            sock = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
+            environ["chat.browser_socket"] = cls(sock, config)
+        return environ["chat.browser_socket"]
 
     def send(self, data, deadline=None):
         """Yield `data` for the server to write, in pieces, each once the socket has room for it.
 
-        A client whose socket takes nothing for CHAT_SEND_TIMEOUT seconds, or until `deadline`, has
+        A browser whose socket takes nothing for CHAT_SEND_TIMEOUT seconds, or until `deadline`, has
         stalled: ClientStalled.
         """
         for start in range(0, len(data), WRITE_PIECE):
@@ -528,6 +807,7 @@ class Client:
             self.writing_since = time.monotonic()
             yield data[start : start + WRITE_PIECE]
             self.writing_since = None
+        self.last_write = time.monotonic()
 
     def has_room(self, events=select.POLLOUT):
         """Tell, without waiting, whether a write would go through (or, with POLLIN, a read)."""
@@ -538,9 +818,9 @@ class Client:
         return bool(poller.poll(0))
 
     def has_left(self):
-        """Tell whether the client closed its end, so a silent stream ends now, not one failed write later.
+        """Tell whether the browser closed its end, so a silent stream ends now, not one failed write later.
 
-        A write after the client closed still succeeds (the kernel takes it, the peer answers with a
+        A write after the browser closed still succeeds (the kernel takes it, the peer answers with a
         reset), so heartbeats alone notice only at the second one.
         """
         try:
@@ -554,14 +834,14 @@ class Client:
         return "client_stalled" if stuck else "client_gone"
 
     def hang_up(self):
-        """Shut a stalled client's connection, so that no write to it can block again."""
+        """Shut a stalled browser's connection, so that no write to it can block again."""
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except (AttributeError, OSError):  # no socket, or already gone
             pass
 
 
-# --- Plumbing: per-worker state, errors, CORS, the page, health -----------------------------------
+# --- Plumbing: per-worker state, errors and redaction, CORS, the page, health -----------------------
 
 
 class WorkerState:
@@ -600,7 +880,7 @@ class StreamSlots:
 def request_id():
     """Use nginx's X-Request-Id when it looks like one, so its log, gunicorn's and ours share one id."""
     given = request.headers.get("X-Request-Id", "")
-    return given if re.fullmatch(r"[A-Za-z0-9._-]{8,64}", given) else uuid.uuid4().hex[:12]
+    return given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:12]
 
 
 @chat.errorhandler(HTTPException)
@@ -614,7 +894,8 @@ def error_response(exc):
     headers = getattr(exc, "headers", None) or {}
     if meter := metrics(current_app.config):
         meter.refused_before_stream(exc.code, code)
-    message = from_outside(exc.description, SHOWN_CHARACTERS)  # an upstream's 400 is passed on in its own words
+    # An upstream's 400 is passed on in its own words.
+    message = from_outside(exc.description, SHOWN_CHARACTERS, secrets_of(current_app.config))
     if request.path.endswith("/api/ui-chat"):
         return Response(message, exc.code, headers, mimetype="text/plain")
     return jsonify(error={"message": message, "code": code}), exc.code, headers
@@ -624,32 +905,37 @@ def error_response(exc):
 
 KEY_LIKE = re.compile(r"\bsk-[A-Za-z0-9_-]{6,}|\b[Bb]earer\s+[A-Za-z0-9._~+/=-]{6,}")
 SHORTEST_PIECE = 8  # a piece of a configured secret this long, at either end of it, is redacted too
-secrets = {}  # the configured key and token -> a pattern of their pieces; added when the blueprint is registered
 SHOWN_CHARACTERS, LOGGED_CHARACTERS = 500, 300  # of one value from outside, to a client and into the log
 READ_CHARACTERS = 4000  # what lies past this in one value is never shown, so it is not searched either
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # line breaks, ANSI escapes and the like
 
 
-def keep_secret(secret):
-    """Redact `secret` from now on: whole, or in pieces that start or end it (a key cut short, or half echoed)."""
+def secrets_of(config):
+    """Return the configured key and token: an app's own (or a relay's settings'), never pooled with another's."""
+    return [value for value in (config.get("OPENAI_API_KEY"), config.get("CHAT_API_TOKEN")) if value]
+
+
+@functools.lru_cache(maxsize=64)
+def pieces_of(secret):
+    """A pattern of the pieces that start or end `secret` (a key cut short, or half echoed)."""
     shortest = min(len(secret), SHORTEST_PIECE)
     pieces = {piece for n in range(shortest, len(secret) + 1) for piece in (secret[:n], secret[-n:])}
-    secrets[secret] = re.compile("|".join(map(re.escape, sorted(pieces, key=len, reverse=True))))
+    return re.compile("|".join(map(re.escape, sorted(pieces, key=len, reverse=True))))
 
 
-def redact(text):
-    """Hide key-like strings (sk-..., bearer tokens) and the configured key and token, whole or in pieces."""
-    for secret, pieces in secrets.items():
+def redact(text, secrets=()):
+    """Hide key-like strings (sk-..., bearer tokens) and `secrets` (secrets_of a config), whole or in pieces."""
+    for secret in secrets:
         text = text.replace(secret, "[redacted]")
         if secret[:SHORTEST_PIECE] in text or secret[-SHORTEST_PIECE:] in text:  # most text has neither end
-            text = pieces.sub("[redacted]", text)
+            text = pieces_of(secret).sub("[redacted]", text)
     return KEY_LIKE.sub("[redacted]", text)
 
 
-def from_outside(text, limit):
+def from_outside(text, limit, secrets=()):
     """Redact a value that came from outside, then cut it to `limit` characters: the other way round, a
     key across the cut would go out less its last character."""
-    return redact(text[:READ_CHARACTERS])[:limit]
+    return redact(text[:READ_CHARACTERS], secrets)[:limit]
 
 
 def one_line(text):
@@ -659,20 +945,27 @@ def one_line(text):
 
 class Redacting(logging.Filter):
     """Keep the "chat" log's lines true: every value in one (upstream text included) is redacted, cut and
-    escaped, so that none can leak a key or forge a line. The lines' wording is the code's own."""
+    escaped, so that none can leak a key or forge a line. The lines' wording is the code's own.
+
+    The secrets are the line's own (`extra={"secrets": ...}`: the relay logs after its request has
+    gone), else those of the app serving the request.
+    """
 
     def filter(self, record):
+        secrets = getattr(record, "secrets", None)
+        if secrets is None:
+            secrets = secrets_of(current_app.config) if has_app_context() else ()
         if isinstance(record.args, dict):  # log.info("%(name)s", {...})
-            record.args = {name: logged(value) for name, value in record.args.items()}
+            record.args = {name: logged(value, secrets) for name, value in record.args.items()}
         else:
-            record.args = tuple(map(logged, record.args or ()))
-        record.msg, record.args = one_line(redact(record.getMessage())), None
+            record.args = tuple(logged(value, secrets) for value in record.args or ())
+        record.msg, record.args = one_line(redact(record.getMessage(), secrets)), None
         return True
 
 
-def logged(value):
+def logged(value, secrets=()):
     """A log line's value as the line shows it: numbers as they are, anything else as text from outside."""
-    return value if isinstance(value, int | float) else from_outside(str(value), LOGGED_CHARACTERS)
+    return value if isinstance(value, int | float) else from_outside(str(value), LOGGED_CHARACTERS, secrets)
 
 
 REDACTING = Redacting()
@@ -696,10 +989,12 @@ def allow_listed_origins(response):
         response.vary.add("Origin")
     if origin in allowed:
         response.headers["Access-Control-Allow-Origin"] = origin
-        response.headers["Access-Control-Allow-Methods"] = "POST"
-        response.headers["Access-Control-Allow-Headers"] = "Content-Type, Authorization"
-        response.headers["Access-Control-Expose-Headers"] = "Retry-After, X-Request-Id"
+        response.headers["Access-Control-Allow-Methods"] = "GET, POST"  # GET: resuming a stream
+        response.headers["Access-Control-Allow-Headers"] = "Content-Type, Authorization, Last-Event-ID"
+        response.headers["Access-Control-Expose-Headers"] = "Retry-After, X-Request-Id, X-Stream-Id"
         response.headers["Access-Control-Max-Age"] = "600"
+        if origin != "*" and not current_app.config["CHAT_API_TOKEN"]:  # the owner cookie binds streams: send it
+            response.headers["Access-Control-Allow-Credentials"] = "true"
     return response
 
 
@@ -781,8 +1076,6 @@ def apply_defaults(state):
     for key, value in config_from_env().items():
         state.app.config.setdefault(key, value)
     check_settings(state.app.config)
-    for secret in filter(None, (state.app.config["OPENAI_API_KEY"], state.app.config["CHAT_API_TOKEN"])):
-        keep_secret(secret)
     log.addFilter(REDACTING)
     if uses_demo(state.app.config):
         log.warning(
@@ -806,4 +1099,5 @@ def create_app(config=None):
     app.register_blueprint(chat)
     app.after_request(forbid_sniffing)  # the app's own responses too (a 404 outside the blueprint's URLs)
     worker_state(app).upstream.warm_up()  # the SDK clients now, not on the first request (~50 ms)
+    resume_logs(app)  # with CHAT_RESUME_REDIS_URL, importing redis-py would cost the first resume ~100 ms
     return app

@@ -123,7 +123,7 @@ logconfig_dict = {
 control_socket_disable = True
 
 #
-# Metrics and the doctor
+# Metrics, the doctor and resumable streams
 #
 #   on_starting - Give the workers one directory to share, new and empty for each start of the
 #       master: prometheus_client's multiprocess mode (CHAT_METRICS) keeps each worker's figures in
@@ -133,6 +133,8 @@ control_socket_disable = True
 #       directory (private to the service under the README's systemd unit), removed on exit. Set:
 #       that directory, emptied of the last run's files (stale counts would be added in), e.g.
 #       /run/chat with RuntimeDirectory=chat in the unit. Never a directory two masters share.
+#       Its `resume` directory (CHAT_RESUME_DIR, unless set) holds the log of every stream (resume.py),
+#       so that a reader who comes back finds its stream whichever worker it lands on; emptied too.
 #
 #   child_exit - A worker exited or was killed: its open-streams gauge must go, or /metrics would
 #       count its streams as open for ever. (Its counters stay: totals never go down.) Only a worker
@@ -151,6 +153,12 @@ def on_starting(server):
             os.remove(entry.path)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
     server.made_metrics_dir = None if given else path
+    logs = os.environ.get("CHAT_RESUME_DIR") or os.path.join(path, "resume")
+    os.makedirs(logs, exist_ok=True)
+    for entry in os.scandir(logs):
+        if entry.name.endswith((".log", ".chat")) or entry.name.startswith("bell-"):
+            os.remove(entry.path)
+    os.environ["CHAT_RESUME_DIR"] = logs
 
 
 def child_exit(server, worker):

@@ -13,12 +13,12 @@ of the app and checks what arrives. A diagnostic stream is POST api/chat?diagnos
 chat's own URL, so it takes the chat's way through the proxies and the real relay with its
 heartbeats, but no model: a known script of events and pauses. How each one ended is recorded in
 the same shared directory, for the doctor to ask about afterwards whichever worker answers.
+app.py answers those requests with diagnostic_stream() and report(); this module never calls back.
 """
 
 import http.client
 import json
 import os
-import re
 import socket
 import ssl
 import threading
@@ -26,7 +26,8 @@ import time
 import zlib
 from urllib.parse import urlencode, urlsplit
 
-from werkzeug.exceptions import HTTPException
+from protocols import REQUEST_ID, ApiError
+from upstream import ScriptedStream
 
 # --- Metrics: counted once per stream, summed over the workers --------------------------------------
 
@@ -52,7 +53,7 @@ def metrics():
 
 
 class Metrics:
-    """The service's figures, and the relay's `watch` for chat streams."""
+    """The service's figures, and the relay's watcher for chat streams (app.py's `Watcher` contract)."""
 
     def __init__(self):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -100,6 +101,12 @@ class Metrics:
             ["status", "code"],
             registry=registry,
         )
+        self.unresumable_streams = Counter(
+            "chat_streams_unresumable",
+            "Streams sent without a log, so with no resume: its store failed (Redis down, a full disk) or the"
+            " worker's CHAT_RESUME_WORKER_BYTES was spent.",
+            registry=registry,
+        )
         self.errors = Counter(
             "chat_request_errors",
             "Requests answered with a JSON error before any stream, by status and code.",
@@ -110,7 +117,7 @@ class Metrics:
     def opened(self, stream_id):
         self.open_streams.inc()
 
-    def ended(self, outcome, code, first, duration, usage, events):
+    def ended(self, outcome, code, first, duration, usage, deltas):
         """Count one stream that ended: the relay calls this once, from its `finally`."""
         self.open_streams.dec()
         if code and outcome not in ERROR_OUTCOMES and code not in FINISH_REASONS:
@@ -121,7 +128,7 @@ class Metrics:
         if "content" in first:
             self.first_content.observe(first["content"])
         self.duration.observe(duration)
-        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens", events)
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens", deltas)
         if isinstance(prompt, int) and prompt > 0:
             self.tokens.labels("in").inc(prompt)
         if isinstance(completion, int) and completion > 0:
@@ -129,6 +136,9 @@ class Metrics:
 
     def upstream_refused(self, status, code):
         self.refusals.labels(str(status), code).inc()
+
+    def unresumable(self):
+        self.unresumable_streams.inc()
 
     def refused_before_stream(self, status, code):
         self.errors.labels(str(status), code).inc()
@@ -154,26 +164,13 @@ DIAGNOSTIC_STREAMS = 4  # open at once per worker (a doctor opens 2); past it 50
 diagnostic_slots = threading.BoundedSemaphore(DIAGNOSTIC_STREAMS)
 
 
-class DiagnosticError(HTTPException):
-    """A refused diagnostic request, shaped for app.py's one JSON error handler (error_code, headers)."""
+def diagnostic_stream(args, heartbeat):
+    """Return the diagnostic stream of POST api/chat?diagnostic=stream&silence=S (or =abort), for app.py to relay.
 
-    def __init__(self, status, code, message, headers=None):
-        super().__init__(message)
-        self.code, self.error_code, self.headers = status, code, headers or {}
-
-
-def diagnostic(args, config, relay):
-    """Answer POST api/chat?diagnostic=stream&silence=S, =abort, or =report&id=ID (how a stream ended).
-
-    `relay(stream, config, release)` is app.py's: it relays the script like a model's reply, with
-    the heartbeats, deadlines and client checks of a chat stream. A stream is bounded in time (its
-    script and 30 s) and in number (DIAGNOSTIC_STREAMS per worker), and needs the chat's token,
-    checked before this is called.
+    It holds one of DIAGNOSTIC_STREAMS slots until its release(), and is bounded in time by its
+    `limits` (its script and 30 s). The chat's token is checked before this is called.
     """
     kind = args.get("diagnostic")
-    if kind == "report":
-        return report(args.get("id", ""))
-    heartbeat = float(config["CHAT_HEARTBEAT_SECONDS"])
     if kind == "abort":  # the doctor hangs up after the ticks; the app should notice at its next heartbeat
         silence = min(ABORT_HEARTBEATS * heartbeat, MAX_SILENCE)
     elif kind == "stream":
@@ -182,24 +179,17 @@ def diagnostic(args, config, relay):
         except ValueError:
             silence = -1.0
         if not 0 <= silence <= MAX_SILENCE:
-            raise DiagnosticError(400, "invalid_request", f"silence must be 0 to {MAX_SILENCE:g} seconds.")
+            raise ApiError(400, "invalid_request", f"silence must be 0 to {MAX_SILENCE:g} seconds.")
     else:
-        raise DiagnosticError(400, "invalid_request", "diagnostic must be stream, abort or report.")
+        raise ApiError(400, "invalid_request", "diagnostic must be stream, abort or report.")
     if not diagnostic_slots.acquire(blocking=False):
         message = "Too many diagnostic streams are open. Please try again shortly."
-        raise DiagnosticError(503, "too_many_streams", message, {"Retry-After": "10"})
-    try:
-        stream = DiagnosticStream(silence, heartbeat)
-        limit = TICKS * TICK_SECONDS + silence + 30
-        bounds = {**config, "CHAT_FIRST_TOKEN_TIMEOUT": limit, "CHAT_IDLE_TIMEOUT": limit, "CHAT_MAX_DURATION": limit}
-        return relay(stream, bounds, diagnostic_slots.release)
-    except BaseException:
-        diagnostic_slots.release()
-        raise
+        raise ApiError(503, "too_many_streams", message, {"Retry-After": "10"})
+    return DiagnosticStream(silence, heartbeat)
 
 
-class DiagnosticStream:
-    """A stand-in for the model with a known script, which is also the relay's `watch` for its stream.
+class DiagnosticStream(ScriptedStream):
+    """A stand-in for the model with a known script, which is also the relay's watcher for its stream.
 
     The script: one event that says what follows (the stream's id, the worker, the heartbeat), TICKS
     events TICK_SECONDS apart, `silence` seconds with nothing (the relay pings, as for a model that
@@ -210,37 +200,28 @@ class DiagnosticStream:
     reader = "diagnostic"
 
     def __init__(self, silence, heartbeat):
-        self.silence, self.heartbeat = silence, heartbeat
-        self.finished, self.finish_reason, self.usage = False, None, None
-        self.id, self.script = None, []
+        super().__init__()
+        self.silence, self.heartbeat, self.id = silence, heartbeat, None
+        limit = TICKS * TICK_SECONDS + silence + 30
+        self.limits = dict.fromkeys(("CHAT_FIRST_TOKEN_TIMEOUT", "CHAT_IDLE_TIMEOUT", "CHAT_MAX_DURATION"), limit)
 
     def opened(self, stream_id):
         now, self.id = time.monotonic(), stream_id
         about = {"id": stream_id, "pid": os.getpid(), "heartbeat": self.heartbeat, "silence": self.silence}
-        self.script = [(now, {**about, "ticks": TICKS, "tick_seconds": TICK_SECONDS})]
-        self.script += [(now + i * TICK_SECONDS, {"tick": i}) for i in range(1, TICKS + 1)]
-        self.script.append((now + TICKS * TICK_SECONDS + self.silence, {"after_silence": self.silence}))
+        script = [(now, {**about, "ticks": TICKS, "tick_seconds": TICK_SECONDS})]
+        script += [(now + i * TICK_SECONDS, {"tick": i}) for i in range(1, TICKS + 1)]
+        script.append((now + TICKS * TICK_SECONDS + self.silence, {"after_silence": self.silence}))
+        # A chat client shows each as a line of JSON.
+        self.steps.extend((due, "content", json.dumps(payload) + "\n") for due, payload in script)
 
-    def read(self, timeout):
-        at, payload = self.script[0]
-        wait = at - time.monotonic()
-        if wait > timeout:
-            time.sleep(max(timeout, 0))
-            return []
-        time.sleep(max(wait, 0))
-        self.script.pop(0)
-        if not self.script:
-            self.finished, self.finish_reason = True, "stop"
-        return [("content", json.dumps(payload) + "\n")]  # a chat client shows it as lines of JSON
-
-    def close(self):
-        pass
-
-    def ended(self, outcome, code, first, duration, usage, events):
+    def ended(self, outcome, code, first, duration, usage, deltas):
         save_record({"id": self.id, "end": outcome, "duration": round(duration, 3), "pid": os.getpid()})
 
+    def release(self):
+        """Give back the stream's slot: app.py calls it when the response is closed, however it ended."""
+        diagnostic_slots.release()
 
-RECORD_ID = re.compile(r"[A-Za-z0-9._-]{8,64}")  # what app.py's request_id() gives
+
 # Records are asked for within seconds, by one doctor; anyone can make them (no token is the default). So a
 # record goes to one of RECORD_SLOTS files, picked by its id, and replaces whatever was there: at most
 # 1,000 files of under 200 bytes whatever the flood, and no request ever scans the directory.
@@ -269,7 +250,7 @@ def save_record(record):
 def report(stream_id):
     """Say how the diagnostic stream `stream_id` ended; 404 while it is open (or never was, or was overwritten)."""
     record = None
-    if RECORD_ID.fullmatch(stream_id):
+    if REQUEST_ID.fullmatch(stream_id):
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             record = records_in_memory.get(stream_id)
         else:
@@ -279,7 +260,7 @@ def report(stream_id):
             except (FileNotFoundError, ValueError):
                 pass
     if not isinstance(record, dict) or record.get("id") != stream_id:  # its slot may hold another stream's
-        raise DiagnosticError(404, "not_found", "No diagnostic stream with this id has ended.")
+        raise ApiError(404, "not_found", "No diagnostic stream with this id has ended.")
     return record
 
 

@@ -13,12 +13,12 @@ reply's bytes are then read below the SDK, in small pieces that each do one thin
     LineSplitter              cuts the body into SSE lines, none longer than MAX_LINE_BYTES
     ChatChunks                a dialect: turns `data:` lines into deltas, a finish reason and usage
 
-ModelStream puts them together. It and DemoStream offer what a relay needs: read(timeout) returns the
-(kind, text) deltas that arrived within `timeout` seconds ([] if none did), kind being "content" or
-"reasoning"; `finished` once the reply is complete, then `finish_reason` and `usage`; `reader` and
-`api`, for the log; and close(). A failure after the stream began is an UpstreamError.
+ModelStream puts them together. It and DemoStream (a ScriptedStream, as operate.py's diagnostic stream
+is) meet the relay's `UpstreamStream` contract, written once in app.py; they add `api`, for the log.
+A failure after the stream began is an UpstreamError.
 """
 
+import collections
 import contextlib
 import contextvars
 import json
@@ -654,7 +654,36 @@ def make_openai_clients(config):
 # --- The demo model --------------------------------------------------------------------------------
 
 
-class DemoStream:
+class ScriptedStream:
+    """A reply known in advance: (time.monotonic() it is due, kind, text) steps, each given out when due.
+
+    The demo model is one, and so is operate.py's diagnostic stream. `steps` may be given later,
+    before the first read; the last one finishes the reply with `ending` (finish reason, usage).
+    """
+
+    reader = "script"
+
+    def __init__(self, steps=(), ending=("stop", None)):
+        self.steps, self.ending = collections.deque(steps), ending
+        self.finished, self.finish_reason, self.usage = False, None, None
+
+    def read(self, timeout):
+        due, kind, text = self.steps[0]
+        wait = due - time.monotonic()
+        if wait > timeout:
+            time.sleep(max(timeout, 0))
+            return []
+        time.sleep(max(wait, 0))
+        self.steps.popleft()
+        if not self.steps:
+            self.finished, (self.finish_reason, self.usage) = True, self.ending
+        return [(kind, text)]
+
+    def close(self):
+        pass
+
+
+class DemoStream(ScriptedStream):
     """A stand-in model: a fixed reply, word by word, so the service runs with no key and no network."""
 
     reader, api = "demo", "demo"
@@ -667,32 +696,12 @@ class DemoStream:
             f'Server-Sent Events. You said: "{said}". Set OPENAI_API_KEY, or OPENAI_BASE_URL '
             "for a local server such as Ollama or vLLM, to talk to a real model."
         )
-        self.words = re.findall(r"\S+\s*", reply)
-        self.prompt_words = sum(len(text_of(m["content"]).split()) for m in messages)
-        self.seconds_per_word = seconds_per_word
-        self.next_word_at = time.monotonic() + seconds_per_word
-        self.finished, self.finish_reason, self.usage = False, None, None
-        self.said = 0
-
-    def read(self, timeout):
-        wait = self.next_word_at - time.monotonic()
-        if wait > timeout:
-            time.sleep(max(timeout, 0))
-            return []
-        time.sleep(max(wait, 0))
-        self.next_word_at += self.seconds_per_word
-        word, self.said = self.words[self.said], self.said + 1
-        if self.said == len(self.words):
-            self.finished, self.finish_reason = True, "stop"
-            self.usage = {
-                "prompt_tokens": self.prompt_words,
-                "completion_tokens": len(self.words),
-                "total_tokens": self.prompt_words + len(self.words),
-            }
-        return [("content", word)]
-
-    def close(self):
-        pass
+        words = re.findall(r"\S+\s*", reply)
+        prompt = sum(len(text_of(m["content"]).split()) for m in messages)
+        usage = {"prompt_tokens": prompt, "completion_tokens": len(words), "total_tokens": prompt + len(words)}
+        now = time.monotonic()
+        steps = [(now + i * seconds_per_word, "content", word) for i, word in enumerate(words, 1)]
+        super().__init__(steps, ("stop", usage))
 
 
 def text_of(content):

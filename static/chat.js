@@ -1,5 +1,6 @@
 // The chat page: keeps the conversation, posts it to api/chat and shows the reply as it streams,
-// as markdown. A plain script, no build step. marked (loaded before it) only splits the markdown
+// as markdown; after a cut or a reload it fetches the rest of the same reply by its last event id.
+// A plain script, no build step. marked (loaded before it) only splits the markdown
 // into tokens; this file builds the elements from them, so the model's text never goes through an
 // HTML parser. Its top-level functions are globals on purpose: the browser tests call readEvents().
 "use strict";
@@ -17,6 +18,10 @@ const tokenInput = document.getElementById("token");
 
 // One saved conversation per page URL: two chats mounted on one site keep their own.
 const STORE_KEY = `chat:${location.pathname}`;
+// After a cut, the page asks for the rest of the reply again: first at once, then after a pause
+// that doubles up to 8 s, for up to two minutes (the service keeps a reply going for a minute
+// with no reader, and keeps a finished one for five).
+const RECONNECT = { pause: 500, longestPause: 8000, giveUpAfter: 120_000 };
 // The service's codes for "the conversation is too long": only a shorter one can be sent.
 const TOO_LONG = new Set(["body_too_large", "too_many_messages", "context_too_long"]);
 // GitHub's flavour (tables, ~~strike~~, bare links), and a new line is a line break, as typed.
@@ -32,6 +37,9 @@ const ENTITIES = { amp: "&", lt: "<", gt: ">", quot: '"', apos: "'", nbsp: "\u00
 // Bidirectional embeddings, overrides, isolates and marks: in a link's text, U+202E makes
 // "elpmaxe.knab//:sptth" read "https://bank.example". Taken out of link text.
 const BIDI_CONTROLS = /[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
+// An event the page could not show, the server's fault (bad JSON) or the page's own: not the
+// network's, so it ends the reply instead of reconnecting.
+class NotShown extends Error {}
 
 // The conversation, sent whole with every request (the server keeps nothing between requests).
 // A turn is {question, answer, reasoning, thought, state, note}; it joins once the model has said
@@ -39,8 +47,11 @@ const BIDI_CONTROLS = /[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
 let turns = [];
 // The newest turn on the page, kept or not (a refused question is not): Retry sends it again.
 let latest = null;
-// The AbortController of the reply that is streaming, or null. Stop aborts the fetch, which closes
-// the connection; the server notices on its next write and closes its upstream request.
+// The reply streaming now, saved with the conversation as it grows, with its `stream`: the id the
+// service gave it (X-Stream-Id) and the id of the last event shown. A reload resumes it from there.
+let pending = null;
+// The AbortController of the reply that is streaming, or null. Stop asks the service to stop the
+// reply (a closed connection alone only detaches it), then aborts the fetch.
 let streaming = null;
 // Bumped by "New chat", so a reply still streaming into the old conversation is not kept.
 let chatNumber = 0;
@@ -64,10 +75,12 @@ messageInput.addEventListener("keydown", (event) => {
     composer.requestSubmit();
   }
 });
-stopButton.addEventListener("click", () => streaming?.abort());
+stopButton.addEventListener("click", () => stopReply());
 document.addEventListener("keydown", (event) => {
-  if (event.key === "Escape" && streaming) streaming.abort();
+  if (event.key === "Escape") stopReply();
 });
+// A reload or a closed tab saves the reply where it is, so the next visit resumes from there.
+addEventListener("pagehide", () => save());
 newChatButton.addEventListener("click", () => newChat());
 modelPicker.addEventListener("change", save);
 conversation.addEventListener("click", (event) => {
@@ -91,77 +104,190 @@ async function send(text) {
   showTurn(turn);
   latest = turn;
   if (messageInput.value === text) messageInput.value = "";
-  const chat = chatNumber;
-  setStreaming(new AbortController());
-
   const body = { messages: [...history, { role: "user", content: text }] };
   if (!modelRow.hidden) body.model = modelPicker.value;
+  const post = (signal) =>
+    fetch("api/chat", { method: "POST", headers: requestHeaders("application/json"), body: JSON.stringify(body), signal });
+  await follow(turn, post);
+}
+
+/** Stream the reply `open(signal)` answers into `turn`, locking the input meanwhile; then keep it. */
+async function follow(turn, open) {
+  const chat = chatNumber;
+  setStreaming(new AbortController());
   let focus = messageInput;
   try {
-    const outcome = await streamReply(body, turn, streaming.signal);
+    const outcome = await streamReply(turn, open, streaming.signal);
     if (chat !== chatNumber) return; // "New chat" was pressed meanwhile
-    if (turn.answer) {
-      turns.push(turn);
-      save();
-    } else if (!messageInput.value) {
-      messageInput.value = text; // back in the box, to send again
-    }
+    pending = null;
+    delete turn.stream;
+    if (turn.answer && !turns.includes(turn)) turns.push(turn);
+    else if (!turn.answer && !messageInput.value) messageInput.value = turn.question; // to send again
+    save();
     focus = offerWayOut(turn, outcome);
   } finally {
     setStreaming(null, focus); // whatever went wrong above, the controls come back
   }
 }
 
-/** POST the conversation and show the reply as it arrives; return {code} of a failure, or {}. */
-async function streamReply(body, turn, signal) {
-  const view = turn.view;
-  let end = null;
-  try {
-    const response = await fetch("api/chat", {
-      method: "POST",
-      headers: requestHeaders("application/json"),
-      body: JSON.stringify(body),
-      signal,
-    });
-    if (!response.ok) {
-      const failure = await describeHttpError(response);
-      finish(turn, "error", failure.message);
-      return failure;
+/**
+ * Show the reply as it arrives; after a cut, fetch the rest with backoff. Return {code} of a failure, or {}.
+ *
+ * Every event carries an id; the rest of a reply is `GET api/chat/<stream id>` with the last one
+ * shown as `Last-Event-ID`, so nothing is shown twice and nothing is missed.
+ */
+async function streamReply(turn, open, signal) {
+  for (let misses = 0, lostAt = null; ; misses += 1) {
+    const shown = turn.stream?.last;
+    try {
+      const response = await (lostAt === null ? open(signal) : resumeRequest(turn, signal));
+      const outcome = await readReply(turn, response);
+      if (outcome) return outcome;
+    } catch (error) {
+      if (signal.aborted) return finishStopped(turn);
+      if (error instanceof NotShown) {
+        console.error(error.cause);
+        const unreadable = error.cause instanceof SyntaxError;
+        return finishFailed(turn, unreadable ? "The server sent something this page cannot read." : "The page could not show the reply.");
+      }
+      // Anything else is the network: the reply goes on without us, and can be fetched again.
     }
-    for await (const data of readEvents(response.body)) {
-      if (data === "[DONE]") {
-        finish(turn, "done", describeEnd(end));
-        return {};
-      }
-      const event = JSON.parse(data); // the events are told apart by their keys
-      if (event.error) {
-        finish(turn, "error", event.error); // the server words it for a person
-        return { code: event.code };
-      }
-      if (event.reasoning) think(turn, event.reasoning);
-      if (event.content) {
-        stopThinking(turn, true);
-        turn.answer += event.content;
-        scheduleRender(view, turn.answer);
-      }
-      if ("finish_reason" in event) end = event; // the end event; shown once [DONE] confirms it
+    if (lostAt === null || turn.stream?.last !== shown) [misses, lostAt] = [0, Date.now()]; // a new cut
+    if (!turn.stream?.id || Date.now() - lostAt > RECONNECT.giveUpAfter) {
+      return finishFailed(turn, "The connection to the server was lost. Please try again.");
     }
-    finish(turn, "error", "The reply was cut off before it was complete.");
-  } catch (error) {
-    if (error.name === "AbortError") {
-      finish(turn, "stopped", turn.answer ? "Stopped." : "Stopped before the model answered.");
-      return { code: "stopped" };
-    } else if (error instanceof SyntaxError) {
-      finish(turn, "error", "The server sent something this page cannot read.");
-    } else {
-      finish(turn, "error", "The connection to the server was lost. Please try again.");
+    setState(turn, "reconnecting", "The connection was lost. Reconnecting…");
+    try {
+      await pause(misses && Math.min(RECONNECT.pause * 2 ** (misses - 1), RECONNECT.longestPause), signal);
+    } catch {
+      return finishStopped(turn);
     }
   }
+}
+
+/** Ask for the rest of `turn`'s reply: everything after the last event shown (or all of it). */
+function resumeRequest(turn, signal) {
+  const headers = requestHeaders();
+  if (turn.stream.last) {
+    headers["Last-Event-ID"] = turn.stream.last;
+  } else {
+    turn.answer = turn.reasoning = ""; // the whole reply comes again: show it once
+    turn.view.reasoning.data = "";
+    renderMarkdown(turn.view, "");
+  }
+  return fetch(`api/chat/${encodeURIComponent(turn.stream.id)}`, { headers, signal, cache: "no-store" });
+}
+
+/** Show one response's events; return the outcome once the reply ended, or null when it was cut short. */
+async function readReply(turn, response) {
+  const resuming = Boolean(turn.stream?.id);
+  if (!response.ok) return resuming ? refusedResume(turn, response) : refused(turn, response);
+  if (!resuming) {
+    turn.stream = { id: response.headers.get("X-Stream-Id"), last: null, end: null };
+    pending = turn.stream.id ? turn : null; // no id: the service cannot resume it (or predates resuming)
+    if (streaming.stopping) stopReply(); // Stop was pressed before the service said which reply this is
+  }
+  setState(turn, "streaming", "");
+  for await (const { id, data } of readEvents(response.body)) {
+    let outcome;
+    try {
+      outcome = showEvent(turn, data);
+    } catch (error) {
+      throw new NotShown("An event was not shown", { cause: error }); // ours, not the network's: no reconnecting
+    }
+    turn.stream.last = id;
+    saveSoon();
+    if (outcome) return outcome;
+  }
+  return null;
+}
+
+/** Show one event of the reply; return the outcome when it is the last. */
+function showEvent(turn, data) {
+  if (data === "[DONE]") {
+    finish(turn, "done", describeEnd(turn.stream.end));
+    return {};
+  }
+  const event = JSON.parse(data); // the events are told apart by their keys
+  if (event.error) {
+    finish(turn, "error", event.error); // the server words it for a person
+    return { code: event.code };
+  }
+  if (event.reasoning) think(turn, event.reasoning);
+  if (event.content) {
+    stopThinking(turn, true);
+    turn.answer += event.content;
+    scheduleRender(turn.view, turn.answer);
+  }
+  if ("finish_reason" in event) turn.stream.end = event; // the end event; shown once [DONE] confirms it
+  return null;
+}
+
+async function refused(turn, response) {
+  const failure = await describeHttpError(response);
+  finish(turn, "error", failure.message);
+  return failure;
+}
+
+/** A resume the service refused: gone for good (404, 409), or worth another try (null). */
+async function refusedResume(turn, response) {
+  if (response.status === 404 || response.status === 409) {
+    finish(turn, "error", "The rest of this reply can no longer be fetched.");
+    return { code: "unresumable" };
+  }
+  if (response.status === 401) return refused(turn, response);
+  return null; // busy (429, 503) or a proxy between deploys (502): try again
+}
+
+function finishStopped(turn) {
+  finish(turn, "stopped", turn.answer ? "Stopped." : "Stopped before the model answered.");
+  return { code: "stopped" };
+}
+
+function finishFailed(turn, note) {
+  finish(turn, "error", note);
   return { code: "failed" };
 }
 
+/** Wait `ms`, or less if the browser comes back online; throw AbortError when `signal` aborts first. */
+function pause(ms, signal) {
+  return new Promise((resolve, reject) => {
+    const end = (settle) => {
+      clearTimeout(timer);
+      removeEventListener("online", online);
+      signal.removeEventListener("abort", abort);
+      settle();
+    };
+    const online = () => end(resolve);
+    const abort = () => end(() => reject(signal.reason));
+    const timer = setTimeout(online, ms);
+    addEventListener("online", online);
+    signal.addEventListener("abort", abort);
+  });
+}
+
 /**
- * Yield the data of each Server-Sent Event in a fetch body, as text.
+ * Stop the reply that is streaming: tell the service (POST api/chat/<stream id>/stop), which
+ * ends the reply for every reader, and let go of the response. Pressed before the service said
+ * which reply it is, the stop waits for that, once; pressed again, it lets go at once.
+ */
+function stopReply(force = false) {
+  if (!streaming) return;
+  const stream = latest?.stream;
+  if (stream === undefined && !streaming.stopping && !force) {
+    streaming.stopping = true;
+    latest.view.note.textContent = "Stopping…";
+    return;
+  }
+  if (stream?.id) {
+    const url = `api/chat/${encodeURIComponent(stream.id)}/stop`;
+    fetch(url, { method: "POST", headers: requestHeaders(), keepalive: true }).catch(() => {});
+  }
+  streaming.abort();
+}
+
+/**
+ * Yield each Server-Sent Event in a fetch body as {data, id}: its data, as text, and the last event id.
  *
  * EventSource cannot POST, so this is the spec's parser cut down to what the wire protocol uses
  * (https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-interpretation).
@@ -174,6 +300,7 @@ async function* readEvents(body) {
   const decoder = new TextDecoder();
   let buffer = "";
   let data = [];
+  let id = null; // as the spec says, an id holds for the events after it until another one comes
   try {
     for (;;) {
       const { value, done } = await reader.read();
@@ -184,11 +311,13 @@ async function* readEvents(body) {
       buffer = lines.pop(); // the last piece has no line end yet: wait for the rest
       for (const line of lines) {
         if (line === "") {
-          if (data.length) yield data.join("\n");
+          if (data.length) yield { data: data.join("\n"), id };
           data = [];
         } else if (line.startsWith("data:")) {
           data.push(line.slice(line.startsWith("data: ") ? 6 : 5));
-        } // anything else is a comment or a field this protocol does not use (event:, id:)
+        } else if (line.startsWith("id:")) {
+          id = line.slice(line.startsWith("id: ") ? 4 : 3);
+        } // anything else is a comment or a field this protocol does not use (event:, retry:)
       }
     }
   } finally {
@@ -315,9 +444,10 @@ function dropOldestTurns() {
 /** Start over: an empty conversation (and, when given, `question` sent as its first message). */
 function newChat(question) {
   chatNumber += 1;
-  streaming?.abort();
+  stopReply(true);
   turns = [];
   latest = null;
+  pending = null;
   conversation.replaceChildren();
   save();
   if (question) send(question);
@@ -335,13 +465,20 @@ function discardLatest() {
 // --- Keeping the conversation --------------------------------------------------------------------
 
 function save() {
-  const kept = turns.map(({ view, ...turn }) => turn);
+  clearTimeout(saveSoon.timer);
+  saveSoon.timer = 0;
+  const [kept, reply] = [turns, pending ? [pending] : []].map((list) => list.map(({ view, ...turn }) => turn));
   const model = modelRow.hidden ? savedModel : modelPicker.value;
   try {
-    localStorage.setItem(STORE_KEY, JSON.stringify({ turns: kept, model }));
+    localStorage.setItem(STORE_KEY, JSON.stringify({ turns: kept, model, pending: reply[0] ?? null }));
   } catch {
     // Storage full or switched off: the conversation still works, it just will not survive a reload.
   }
+}
+
+/** Save within half a second: a streaming reply is saved as it grows, not once per token. */
+function saveSoon() {
+  saveSoon.timer ||= setTimeout(save, 500);
 }
 
 /** Show the conversation saved by an earlier visit. */
@@ -362,7 +499,22 @@ function restore() {
     setState(turn, turn.state, turn.note);
   }
   latest = turns.at(-1) ?? null;
-  if (latest?.state === "error" || latest?.state === "stopped") offer(latest, [["Retry", retry]]);
+  const reply = saved?.pending;
+  if (typeof reply?.question === "string" && typeof reply.stream?.id === "string") {
+    resume(reply);
+  } else if (latest?.state === "error" || latest?.state === "stopped") {
+    offer(latest, [["Retry", retry]]);
+  }
+}
+
+/** Go on with the reply a reload interrupted, from the last event it showed. */
+function resume(reply) {
+  const turn = { question: "", answer: "", reasoning: "", thought: null, ...reply, state: "streaming", note: "" };
+  showTurn(turn);
+  if (turn.reasoning) showReasoning(turn);
+  renderMarkdown(turn.view, turn.answer);
+  latest = pending = turn;
+  follow(turn, (signal) => resumeRequest(turn, signal));
 }
 
 /** Show a model picker when the service allows more than one model (GET api/models). */
@@ -449,13 +601,13 @@ function thoughtFor(seconds) {
 
 /** Mark a reply finished: its state (styles and tests read it) and a short note under it. */
 function finish(turn, state, note) {
+  turn.state = state;
+  turn.note = note;
+  setState(turn, state, note);
   stopThinking(turn, Boolean(turn.answer));
   cancelAnimationFrame(turn.view.frame);
   turn.view.frame = 0;
   followTheEnd(() => renderMarkdown(turn.view, turn.answer)); // what is still waiting for a frame
-  turn.state = state;
-  turn.note = note;
-  setState(turn, state, note);
 }
 
 function setState(turn, state, note) {

@@ -1,5 +1,5 @@
 """Fixtures: which real servers a test gets, and for how long. What they are lives in fake_upstream.py,
-live_servers.py (gunicorn), nginx_server.py and browser.py; chat_client.py is the streaming client."""
+live_servers.py (gunicorn), nginx_server.py, redis_server.py and browser.py; chat_client.py is the streaming client."""
 
 import shutil
 
@@ -9,6 +9,7 @@ from browser import fresh_page, running_chromium
 from fake_upstream import running_fake_upstream
 from live_servers import FAST_LIFECYCLE, ROOT, Gunicorns, unavailable
 from nginx_server import Nginxes
+from redis_server import Redises
 
 
 @pytest.fixture(scope="session")
@@ -57,6 +58,13 @@ def start_nginx(tmp_path_factory):
     """`start(name, app_servers, replace)` starts an nginx of the test's own (see `Nginxes.start`)."""
     with Nginxes(tmp_path_factory) as nginxes:
         yield nginxes.start
+
+
+@pytest.fixture
+def start_redis(tmp_path_factory):
+    """`start(name)` starts a redis-server of the test's own (see `Redises.start`); it has `redis_url`."""
+    with Redises(tmp_path_factory) as redises:
+        yield redises.start
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ from fake_upstream import API_KEY
 ROOT = Path(__file__).resolve().parent.parent
 
 FAST_LIFECYCLE = {  # short heartbeats and timeouts, so lifecycle tests take seconds
+    "CHAT_RESUME_SECONDS": "0",  # a client that leaves ends its reply at once (the tests of what that costs)
     "CHAT_HEARTBEAT_SECONDS": "0.25",
     "CHAT_FIRST_TOKEN_TIMEOUT": "1.5",
     "CHAT_IDLE_TIMEOUT": "1.5",

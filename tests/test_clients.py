@@ -9,9 +9,9 @@ tests/clients/ prints what its client rebuilt as JSON.
 import json
 import re
 import select
-import socket
+import shlex
+import shutil
 import subprocess
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +20,8 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 
-from live_servers import ROOT
+from live_servers import ROOT, Gunicorns, unavailable, wait_for
+from tcp_proxy import TcpProxy
 
 CLIENTS = Path(__file__).with_name("clients")
 JS_SCRIPTS = {"fetch-event-source": "fetch_event_source.mjs", "eventsource-parser": "eventsource_parser.mjs"}
@@ -45,58 +46,21 @@ USAGE = {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}
 HI = {"messages": [{"role": "user", "content": "Hi"}]}
 
 
-class SplitReads:
-    """A TCP proxy that passes the server's bytes on one at a time, each in its own segment.
-
-    The client then reads every multi-byte character, and every line, in pieces: what any
-    network may do to a stream, and what a client that decodes or splits per read gets wrong.
-    """
-
-    def __init__(self, port, pause=0.0005):
-        self.port, self.pause = port, pause
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-        threading.Thread(target=self.accept, daemon=True).start()
-
-    def accept(self):
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:  # closed by stop()
-                return
-            server = socket.create_connection(("127.0.0.1", self.port))
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            threading.Thread(target=self.pipe, args=(client, server, False), daemon=True).start()
-            threading.Thread(target=self.pipe, args=(server, client, True), daemon=True).start()
-
-    def pipe(self, source, target, split):
-        """Copy until either side closes, then close both (HTTP clients never half-close)."""
-        try:
-            while data := source.recv(65536):
-                if not split:
-                    target.sendall(data)
-                    continue
-                for i in range(len(data)):
-                    target.sendall(data[i : i + 1])
-                    time.sleep(self.pause)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, target):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                sock.close()
-
-    def stop(self):
-        self.listener.close()
+@pytest.fixture(scope="module")
+def no_resume_gunicorn(fake_upstream_server, tmp_path_factory):
+    """gunicorn with CHAT_RESUME_SECONDS=0: a reader that leaves stops the reply at once, as before resuming."""
+    with Gunicorns(tmp_path_factory, fake_upstream_server.url) as gunicorns:
+        yield gunicorns.start({"CHAT_RESUME_SECONDS": "0"}, name="no-resume")
 
 
 @pytest.fixture(scope="module")
 def split_reads(gunicorn):
-    """The live gunicorn, behind a proxy that splits every byte of its replies into its own read."""
-    proxy = SplitReads(gunicorn.port)
+    """The live gunicorn, behind a proxy that splits every byte of its replies into its own read.
+
+    The client then reads every multi-byte character, and every line, in pieces: what any
+    network may do to a stream, and what a client that decodes or splits per read gets wrong.
+    """
+    proxy = TcpProxy(gunicorn.port, split=True)
     yield proxy
     proxy.stop()
 
@@ -229,14 +193,59 @@ def test_native_client_refused_before_the_stream_asks_once(native, gunicorn, ups
     assert len(upstream.received) == 1
 
 
-def test_native_client_abort_closes_the_upstream(native, gunicorn, upstream):
-    """Stopping the reply in the client hangs up on the model: no tokens are paid for after it."""
+def test_native_client_abort_closes_the_upstream(native, no_resume_gunicorn, upstream):
+    """With CHAT_RESUME_SECONDS=0, a client that lets go of the reply hangs up on the model."""
     upstream.reset(tokens=[f"w{i} " for i in range(100)], delay=0.05)
-    with native.stopping(gunicorn.url + "/api/chat", HI) as result:
+    with native.stopping(no_resume_gunicorn.url + "/api/chat", HI) as result:
         assert result["reply"].startswith("w0 ")
         [received] = upstream.received
         assert received.hung_up.wait(5), "the upstream was not closed after the client stopped"
         assert len(received.sent) < 100
+
+
+def test_fetch_event_source_stop_endpoint_closes_the_upstream(js_clients, gunicorn, upstream):
+    """With resuming on (the default), closing the connection leaves the reply going for a reader
+    that may come back; the README's stop posts to api/chat/<X-Stream-Id>/stop, which ends it."""
+    upstream.reset(tokens=[f"w{i} " for i in range(100)], delay=0.05)
+    config = {"url": gunicorn.url + "/api/chat", "body": HI, "stopAfter": 1, "stop": "endpoint"}
+    with stopping_script(js_clients, "fetch_event_source.mjs", config) as result:
+        assert result["reply"].startswith("w0 ")
+        [received] = upstream.received
+        assert received.hung_up.wait(5), "the upstream was not closed after the client stopped"
+        assert len(received.sent) < 100
+
+
+def test_fetch_event_source_resumes_after_the_tab_was_hidden(js_clients, gunicorn, upstream):
+    """openWhenHidden: false closes the stream when the tab is hidden and, shown again, sends the same
+    POST with Last-Event-ID: the service answers with the rest of the same reply, not a new one."""
+    upstream.reset(tokens=TOKENS, delay=0.1)
+    config = {"url": gunicorn.url + "/api/chat", "body": HI, "hideAfter": 3}
+    result = run_script(js_clients, "fetch_event_source.mjs", config)
+
+    assert result == {**result, "reply": "".join(TOKENS), "error": None, "done": True}
+    assert (result["requests"], result["resumed"]) == (2, 1)
+    assert len(upstream.received) == 1  # one generation, paid once
+
+
+def test_the_articles_client_reads_the_reply_with_ids_and_retry_on_the_wire(node, gunicorn, upstream):
+    """The article's client appends `content` of every `data:` line: the `id:` and `retry:` lines
+    resuming adds pass it by (a proxy keeps what the server sent, to show they were there)."""
+    tokens = ["Stream", "ing ", "응답", " with\nnew", "lines ", 'and "quotes"', "."]
+    upstream.reset(tokens=tokens, delay=0.01)
+    proxy = TcpProxy(gunicorn.port)
+    try:
+        result = subprocess.run(
+            [node, str(ROOT / "tests" / "classic_client.mjs"), proxy.url + "/api/chat"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        proxy.stop()
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == "".join(tokens)
+    assert re.search(rb"\r?\nretry: \d+\r?\nid: \S+\r?\ndata: ", proxy.sent), bytes(proxy.sent[:500])
+    assert len(re.findall(rb"\nid: ", proxy.sent)) >= len(tokens)
 
 
 # --- The AI SDK: the Chat that useChat makes, with DefaultChatTransport -----------------------
@@ -329,16 +338,51 @@ def test_ai_sdk_chat_shows_a_refusal_as_a_sentence(js_clients, gunicorn, upstrea
     assert len(upstream.received) == (1 if status == 429 else 0)
 
 
-def test_ai_sdk_chat_stop_closes_the_upstream(js_clients, gunicorn, upstream):
-    """useChat's stop() hangs up on the model: no tokens are paid for after it."""
+@pytest.mark.parametrize("stop", ["abort", "endpoint"])
+def test_ai_sdk_chat_stop_closes_the_upstream(js_clients, gunicorn, no_resume_gunicorn, upstream, stop):
+    """useChat's stop() only aborts the fetch: that hangs up on the model with CHAT_RESUME_SECONDS=0.
+    With resuming on (the default), the README's stop also posts to the stop endpoint, which does."""
     upstream.reset(tokens=[f"w{i} " for i in range(100)], delay=0.05)
-    config = {"url": gunicorn.url + "/api/ui-chat", "turns": [{"text": "Hi"}], "stopAfter": 1}
+    server = gunicorn if stop == "endpoint" else no_resume_gunicorn
+    config = {"url": server.url + "/api/ui-chat", "turns": [{"text": "Hi"}], "stopAfter": 1, "stop": stop}
     with stopping_script(js_clients, "ai_sdk_chat.mjs", config) as chat:
         assert chat["status"] == "ready"
         assert chat["messages"][-1]["parts"][0]["text"].startswith("w0 ")
         [received] = upstream.received
         assert received.hung_up.wait(5), "the upstream was not closed after the chat stopped"
         assert len(received.sent) < 100
+
+
+def test_ai_sdk_chat_with_resume_rebuilds_a_reply_after_a_cut(js_clients, gunicorn, upstream):
+    """A cut mid-reply, then a new Chat with the same id and the question, as useChat({ resume: true })
+    makes after a reload: resumeStream() (GET api/ui-chat/<id>/stream) replays the reply, whole."""
+    upstream.reset(tokens=TOKENS, delay=0.1)
+    proxy = TcpProxy(gunicorn.port)
+    config = {"url": proxy.url + "/api/ui-chat", "turns": [{"text": "Hi"}], "resume": True, "id": "chat-17"}
+    process = subprocess.Popen(
+        [js_clients, str(CLIENTS / "ai_sdk_chat.mjs"), json.dumps(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert wait_for(lambda: upstream.received and len(upstream.received[0].sent) >= 4, timeout=10)
+        proxy.cut()
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+        proxy.stop()
+    assert process.returncode == 0, stderr
+    chat = json.loads(stdout)
+
+    assert chat["cut"]["status"] == "error"
+    cut_text = chat["cut"]["messages"][-1]["parts"][0]["text"]
+    assert cut_text and "".join(TOKENS).startswith(cut_text) and cut_text != "".join(TOKENS)
+    assert chat["status"] == "ready"
+    user, assistant = chat["messages"]
+    assert user["parts"] == [{"type": "text", "text": "Hi"}]
+    assert assistant["parts"] == [{"type": "text", "text": "".join(TOKENS), "state": "done"}]
+    assert len(upstream.received) == 1
 
 
 # --- The README's snippets, as written ---------------------------------------------------------
@@ -384,3 +428,49 @@ def test_the_readmes_fetch_event_source_snippet(js_clients, split_reads, upstrea
     snippet = prelude + readme_snippet("fetchEventSource(")
 
     assert run_snippet(js_clients, snippet, split_reads.url + "/api/chat") == "".join(TOKENS)
+
+
+def test_the_readmes_cookie_keeping_fetch_is_the_one_the_node_clients_use():
+    """The README's fetchKeepingCookies for Node is tests/clients/keep_cookies.mjs's, which the tests run."""
+    used = (CLIENTS / "keep_cookies.mjs").read_text()
+    function = re.search(r"^export (async function fetchKeepingCookies.*?^\}\n)", used, re.M | re.S)
+    assert function, "keep_cookies.mjs has no fetchKeepingCookies"
+    assert "let cookie = '';\n" + function.group(1) == readme_snippet("fetchKeepingCookies")
+
+
+def readme_commands(containing, url):
+    """The README's shell block that contains `containing`, one command a line, pointed at `url`."""
+    blocks = re.findall(r"```sh\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    [block] = [block for block in blocks if containing in block]
+    lines = block.replace("\\\n", " ").replace("http://127.0.0.1:8000", url).splitlines()
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def test_the_readmes_curl_commands_resume_and_stop_with_the_cookie_jar(gunicorn, upstream, tmp_path):
+    """Start a reply with curl, cut it, get the rest with Last-Event-ID and the jar's cookie, stop it."""
+    if shutil.which("curl") is None:
+        unavailable("curl is not installed (.ci/run installs it)")
+    start, rest, stop = readme_commands("-c jar", gunicorn.url)
+    tokens = [f"t{i} " for i in range(20)]
+    upstream.reset(tokens=tokens, delay=0.1)
+
+    first = subprocess.run(shlex.split(start), cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert first.returncode == 28, first.stderr  # curl's "operation timed out": the --max-time cut
+    head, body = first.stdout.split("\n\n", 1)  # text mode: \r\n reads as \n
+    [stream_id] = re.findall(r"(?im)^x-stream-id: (\S+)", head)
+    events = [dict(line.split(": ", 1) for line in block.splitlines() if ": " in line) for block in body.split("\n\n")]
+    events = events[:-1]  # what follows the last blank line is an event cut in half: not shown, as in any client
+    shown = "".join(json.loads(event["data"])["content"] for event in events)
+    event_id = events[-1]["id"]
+    assert 0 < len(shown) < len("".join(tokens))
+
+    def filled(command):
+        return shlex.split(command.replace("<event id>", event_id).replace("<stream id>", stream_id))
+
+    resumed = subprocess.run(filled(rest), cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    data = [line[6:] for line in resumed.stdout.splitlines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    assert shown + "".join(json.loads(event)["content"] for event in data[:-1]) == "".join(tokens)
+    stopped = subprocess.run(filled(stop) + ["-s", "-w", "%{http_code}"], cwd=tmp_path, capture_output=True, text=True)
+    assert stopped.stdout == "204"  # a finished reply: stopping it again is no error
+    assert len(upstream.received) == 1

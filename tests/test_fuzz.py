@@ -16,8 +16,9 @@ from collections import Counter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app import PARAMETERS, create_app
+from app import create_app
 from fake_upstream import API_KEY
+from protocols import PARAMETERS
 
 MODELS = ["gpt-test", "other"]
 LIMITS = {  # small, so that every limit is within reach of the generated bodies

@@ -78,7 +78,7 @@ def test_client_gone_while_tokens_flow_closes_the_upstream(fast_gunicorn, upstre
 
 @pytest.fixture
 def one_second_heartbeat_gunicorn(start_gunicorn):
-    return start_gunicorn({"CHAT_HEARTBEAT_SECONDS": "1"}, name="heartbeat1")
+    return start_gunicorn({"CHAT_HEARTBEAT_SECONDS": "1", "CHAT_RESUME_SECONDS": "0"}, name="heartbeat1")
 
 
 def test_client_gone_during_a_silence_closes_the_upstream_within_a_heartbeat(one_second_heartbeat_gunicorn, upstream):
@@ -319,13 +319,13 @@ def room_for_descriptors():
 
 def test_a_closed_client_is_seen_past_descriptor_1024(room_for_descriptors):
     """select() refuses descriptors past 1024, which a worker with ~500 streams already uses."""
-    from app import Client
+    from app import BrowserSocket
 
     filler = [socket.socket() for _ in range(1030)]
     ours, theirs = socket.socketpair()
     try:
         assert ours.fileno() > 1024
-        client = Client(ours, {"CHAT_SEND_TIMEOUT": 1.0})
+        client = BrowserSocket(ours, {"CHAT_SEND_TIMEOUT": 1.0})
         assert client.has_room()
         assert not client.has_left()
         theirs.close()

@@ -57,7 +57,7 @@ def nginx(start_nginx, gunicorn, fake_upstream_server):
     return server
 
 
-SSE_LOCATION = "location ~ ^/api/(ui-)?chat$ {"
+SSE_LOCATION = "location ~ ^/api/(ui-)?chat(/|$) {"
 UNHELPED = [  # gzip for text/event-stream in the http block, and the app's X-Accel-Buffering ignored
     with_directive("gzip_types text/css", "gzip_types text/event-stream text/css"),
     with_directive(SSE_LOCATION, SSE_LOCATION + "\n proxy_ignore_headers X-Accel-Buffering;"),
@@ -91,7 +91,10 @@ HEARTBEAT = 0.5  # seconds: the heartbeat_gunicorn's CHAT_HEARTBEAT_SECONDS, wel
 
 @pytest.fixture
 def heartbeat_gunicorn(start_gunicorn):
-    return start_gunicorn({"CHAT_HEARTBEAT_SECONDS": str(HEARTBEAT)}, name="gunicorn-heartbeat")
+    # CHAT_RESUME_SECONDS=0: a client that hangs up ends the reply at once (resuming: tests/test_resume.py).
+    return start_gunicorn(
+        {"CHAT_HEARTBEAT_SECONDS": str(HEARTBEAT), "CHAT_RESUME_SECONDS": "0"}, name="gunicorn-heartbeat"
+    )
 
 
 @pytest.fixture
@@ -216,14 +219,14 @@ def test_without_heartbeats_a_silence_past_proxy_read_timeout_is_cut(nginx_short
     assert "upstream timed out" in nginx_short_timeout_no_heartbeat.log()
 
 
-def test_client_hang_up_while_tokens_flow_closes_the_upstream(nginx, upstream):
+def test_client_hang_up_while_tokens_flow_closes_the_upstream(nginx_heartbeat, upstream):
     upstream.reset(tokens=[f"t{i} " for i in range(100)], delay=0.05)  # 5 s if nobody stops it
-    reply = post_chat(nginx.url, HI, until=b"t1 ")  # two events, then hang up
+    reply = post_chat(nginx_heartbeat.url, HI, until=b"t1 ")  # two events, then hang up
     hung_up_at = time.monotonic()
 
     assert reply.status == 200
     [received] = upstream.received
-    assert received.hung_up.wait(2), "the upstream never saw the client leave:\n" + nginx.log()
+    assert received.hung_up.wait(2), "the upstream never saw the client leave:\n" + nginx_heartbeat.log()
     assert received.hung_up_at - hung_up_at < 1.0
     assert len(received.sent) < 30
 
@@ -231,7 +234,8 @@ def test_client_hang_up_while_tokens_flow_closes_the_upstream(nginx, upstream):
 def test_a_client_that_stops_reading_is_let_go_behind_nginx(start_nginx, start_gunicorn, upstream):
     """nginx.conf's send_timeout agrees with CHAT_SEND_TIMEOUT (both scaled down to 1 s here): nginx stops
     reading from gunicorn while it cannot write, so whichever notices first, the model request ends."""
-    app = start_gunicorn({"CHAT_SEND_TIMEOUT": "1", "CHAT_HEARTBEAT_SECONDS": "0.5"}, name="stall-app")
+    settings = {"CHAT_SEND_TIMEOUT": "1", "CHAT_HEARTBEAT_SECONDS": "0.5", "CHAT_RESUME_SECONDS": "0"}
+    app = start_gunicorn(settings, name="stall-app")
     proxy = start_nginx("nginx-stall", [app], [with_directive("send_timeout 30s;", "send_timeout 1s;")])
     upstream.reset(tokens=FLOOD * 7)  # ~20 MB: more than every kernel buffer on the way can hold
     client = stalled_client(proxy.port)

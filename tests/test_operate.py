@@ -115,7 +115,8 @@ def with_tls(port, cert, key):
 BUFFERED_AND_GZIPPED = [  # nginx's defaults in the location, and gzip for text/event-stream
     with_directive("gzip_types text/css", "gzip_types text/event-stream text/css"),
     with_directive(
-        "location ~ ^/api/(ui-)?chat$ {", "location ~ ^/api/(ui-)?chat$ {\n proxy_ignore_headers X-Accel-Buffering;"
+        "location ~ ^/api/(ui-)?chat(/|$) {",
+        "location ~ ^/api/(ui-)?chat(/|$) {\n proxy_ignore_headers X-Accel-Buffering;",
     ),
     with_directive("proxy_buffering off;", "proxy_buffering on;"),
     with_directive("            gzip off;", "            gzip on;"),
@@ -260,10 +261,25 @@ def test_diagnostic_refusals_are_json_errors(one_worker, upstream, path, token, 
     assert upstream.received == []
 
 
+def stream_id(response):
+    """The id a diagnostic stream gives in its first event (after the `: ok` line)."""
+    response.readline()
+    return json.loads(json.loads(response.readline()[len(b"data: ") :])["content"])["id"]
+
+
+def has_ended(server, stream_id):
+    """Whether the app has recorded how the diagnostic stream `stream_id` ended (its slot is free by then)."""
+    connection, response = post(server, f"/api/chat?diagnostic=report&id={stream_id}")
+    response.read()
+    connection.close()
+    return response.status == 200
+
+
 def test_diagnostic_streams_are_bounded_per_worker(one_worker):
     """Four open at once per worker; the fifth is told to come back, and gets in once one has ended."""
     streams = [post(one_worker, "/api/chat?diagnostic=stream&silence=30") for _ in range(4)]
     assert [response.status for _, response in streams] == [200] * 4
+    opened = [stream_id(response) for _, response in streams]
 
     connection, response = post(one_worker, "/api/chat?diagnostic=stream&silence=30")
     assert response.status == 503
@@ -277,11 +293,14 @@ def test_diagnostic_streams_are_bounded_per_worker(one_worker):
 
     def fifth_gets_in():  # the app notices each hang-up at its next heartbeat (1 s)
         connection, response = post(one_worker, "/api/chat?diagnostic=stream&silence=0")
-        opened = response.status == 200
+        if response.status == 200:
+            opened.append(stream_id(response))
         connection.close()
-        return opened
+        return response.status == 200
 
     assert wait_for(fifth_gets_in, timeout=5)
+    # Leave the worker as it was: every stream opened here has ended, and given its slot back.
+    assert wait_for(lambda: all(has_ended(one_worker, opened_id) for opened_id in opened), timeout=10)
 
 
 def test_diagnostic_stream_follows_its_script_and_ends(one_worker, upstream):

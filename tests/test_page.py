@@ -17,6 +17,7 @@ import pytest
 from app import PAGE_CSP
 from browser import fresh_page
 from live_servers import ROOT, Gunicorns, unavailable
+from tcp_proxy import TcpProxy
 
 try:
     from playwright.sync_api import expect
@@ -126,9 +127,12 @@ def test_stop_keeps_the_partial_reply_and_hangs_up_upstream(chat_page, upstream)
     say(chat_page, "Go on")
     expect(reply_text(chat_page)).to_contain_text("w3")
 
-    chat_page.get_by_role("button", name="Stop").click()
+    with chat_page.expect_request("**/api/chat/*/stop") as stop:
+        chat_page.get_by_role("button", name="Stop").click()
 
+    assert stop.value.method == "POST"
     expect(reply_note(chat_page)).to_have_text("Stopped.")
+    # A connection that closes leaves the reply going for a reader that may come back; a stop ends it.
     assert upstream.received[0].hung_up.wait(5), "the server did not close its upstream request"
     partial = reply_text(chat_page).inner_text()
     assert partial.startswith("w0 w1 w2 w3") and len(partial.split()) < len(tokens)
@@ -136,6 +140,21 @@ def test_stop_keeps_the_partial_reply_and_hangs_up_upstream(chat_page, upstream)
     assert reply_text(chat_page).inner_text() == partial
     expect(chat_page.get_by_label("Message")).to_be_enabled()
     expect(chat_page.get_by_role("button", name="Send")).to_be_visible()
+
+
+def test_stop_before_the_reply_started_waits_for_it_then_stops_it(chat_page, upstream):
+    """Pressed while the service waits for the model, Stop cannot name the reply yet: it says so,
+    and stops the reply as soon as the service answers (only aborting would leave it going)."""
+    upstream.reset(tokens=[f"w{i} " for i in range(50)], stall_headers=1.5, delay=0.1)
+    say(chat_page, "Go on")
+    with chat_page.expect_request("**/api/chat/*/stop", timeout=10_000):
+        chat_page.get_by_role("button", name="Stop").click()
+        expect(reply_note(chat_page)).to_have_text("Stopping…")
+
+    expect(reply_note(chat_page)).to_have_text(re.compile(r"^Stopped"))
+    assert upstream.received[0].hung_up.wait(5), "the server did not close its upstream request"
+    assert len(upstream.received[0].sent) < 5
+    expect(chat_page.get_by_label("Message")).to_be_enabled()
 
 
 def test_escape_stops_a_reply_and_gives_the_keyboard_back_to_the_box(chat_page, upstream):
@@ -468,6 +487,90 @@ def test_a_reload_restores_the_thinking_folded(chat_page, upstream):
     expect(reply_text(chat_page)).to_have_text("Done.")
 
 
+# --- A reply that survives its connection -------------------------------------------------------
+
+COUNTING = [f"w{i:02d} " for i in range(40)]  # two seconds of reply, at one token every 50 ms
+
+
+def kept_answer(page):
+    """The reply as the page keeps it: what it shows, and sends back to the model with the next message."""
+    return page.evaluate("turns.at(-1).answer")
+
+
+@pytest.fixture
+def cut_page(page, gunicorn):
+    """The page, through a TCP proxy between Chromium and gunicorn that the test can cut."""
+    proxy = TcpProxy(gunicorn.port)
+    page.goto(proxy.url + "/")
+    yield page, proxy
+    proxy.stop()
+
+
+def test_a_cut_mid_reply_reconnects_and_the_reply_comes_whole(cut_page, upstream):
+    page, proxy = cut_page
+    resumes = []
+    page.on("request", lambda request: resumes.append(request) if request.method == "GET" else None)
+    upstream.reset(tokens=COUNTING, delay=0.05)
+    say(page, "Count")
+    expect(reply_text(page)).to_contain_text("w05")
+
+    proxy.cut(down_for=1.5)  # every connection reset, and none taken for 1.5 s
+
+    expect(reply_note(page)).to_have_text("The connection was lost. Reconnecting…")
+    expect(page.get_by_role("button", name="Stop")).to_be_visible()
+    expect(reply_note(page)).to_have_text("14 tokens: 9 prompt, 5 reply.", timeout=20_000)
+    assert kept_answer(page) == "".join(COUNTING)  # not a character twice, none missing
+    expect(reply_text(page)).to_have_text("".join(COUNTING))
+    assert len(upstream.received) == 1  # the model was asked once
+    assert [request for request in resumes if "/api/chat/" in request.url]  # the rest came by resuming
+    expect(page.get_by_label("Message")).to_be_focused()
+
+
+def reload_mid_reply(page, upstream, url, while_streaming=lambda: None):
+    """Ask at `url`, reload mid-reply; check (and `while_streaming()`) that the page goes on with it to the end."""
+    upstream.reset(tokens=COUNTING, delay=0.05)
+    page.goto(url)
+    say(page, "Count")
+    expect(reply_text(page)).to_contain_text("w05")
+
+    page.reload()
+
+    while_streaming()
+    expect(reply_note(page)).to_have_text("14 tokens: 9 prompt, 5 reply.", timeout=20_000)
+    assert kept_answer(page) == "".join(COUNTING)  # not a character twice, none missing
+    assert len(upstream.received) == 1  # the model was asked once
+
+
+def test_a_reload_mid_reply_resumes_the_reply(page, gunicorn, upstream):
+    def still_streaming():
+        expect(questions(page)).to_have_text(["Count"])
+        expect(page.get_by_role("button", name="Stop")).to_be_visible()
+
+    reload_mid_reply(page, upstream, gunicorn.url + "/", still_streaming)
+    page.reload()  # and now it is kept like any other reply
+    expect(reply_text(page)).to_have_text("".join(COUNTING))
+    expect(page.get_by_role("button", name="Send")).to_be_visible()
+
+
+def test_a_reply_that_can_no_longer_be_resumed_says_so_and_offers_retry(chat_page, upstream):
+    upstream.reset(tokens=COUNTING, delay=0.05)
+    say(chat_page, "Count")
+    expect(reply_text(chat_page)).to_contain_text("w05")
+    chat_page.context.clear_cookies()  # the reply is no longer this browser's: the service answers 404
+
+    chat_page.reload()
+
+    expect(reply_note(chat_page)).to_have_text("The rest of this reply can no longer be fetched.")
+    expect(reply_text(chat_page)).to_contain_text("w00 w01 w02 w03 w04 w05")  # what was shown stays
+    retry = chat_page.get_by_role("button", name="Retry")
+    expect(retry).to_be_focused()
+    upstream.reset(tokens=["Whole."])
+    retry.press("Enter")
+    expect(reply_text(chat_page)).to_have_text("Whole.")
+    expect(questions(chat_page)).to_have_text(["Count"])
+    assert sent_messages(upstream) == [{"role": "user", "content": "Count"}]
+
+
 # --- No dead ends --------------------------------------------------------------------------------
 
 
@@ -516,6 +619,7 @@ def test_whatever_a_render_throws_the_end_of_a_stream_gives_the_controls_back(br
 
     expect(page.get_by_role("button", name="Send")).to_be_visible()
     expect(page.get_by_label("Message")).to_be_enabled()
+    expect(reply_note(page)).to_have_text("The page could not show the reply.")  # not "Reconnecting…"
     page.get_by_role("button", name="New chat").click()
     expect(page.locator("#conversation .message")).to_have_count(0)
     context.close()
@@ -713,6 +817,21 @@ def test_http_errors_are_shown_in_words(chat_page, status, code, server_says, re
     assert reply(chat_page).get_attribute("data-state") == "error"
 
 
+def test_an_event_that_is_not_json_ends_the_reply_without_reconnecting(chat_page):
+    """Something between the page and the service sent a stream of its own: said once, with Retry."""
+    stream = 'id: s.1\ndata: {"content": "Hel"}\n\nid: s.2\ndata: {not json}\n\n'
+    headers = {"X-Stream-Id": "s"}
+    chat_page.route(
+        "**/api/chat",
+        lambda route: route.fulfill(status=200, headers=headers, body=stream, content_type="text/event-stream"),
+    )
+    say(chat_page, "Hi")
+
+    expect(reply_note(chat_page)).to_have_text("The server sent something this page cannot read.")
+    expect(reply_text(chat_page)).to_have_text("Hel")
+    expect(chat_page.get_by_role("button", name="Retry")).to_be_focused()
+
+
 @pytest.fixture
 def token_gunicorn(start_gunicorn):
     """gunicorn whose /api/chat wants `Authorization: Bearer s3cret` (CHAT_API_TOKEN)."""
@@ -751,14 +870,15 @@ PARSER = """async ([text, bytesPerRead]) => {
         },
     });
     const events = [];
-    for await (const data of readEvents(body)) events.push(data);
+    for await (const { data, id } of readEvents(body)) events.push(id === null ? data : `${id} ${data}`);
     return events;
 }"""
 
 
 @pytest.mark.parametrize("bytes_per_read", [1, 2, 3, 1000], ids=["1-byte", "2-byte", "3-byte", "whole"])
 def test_the_parser_reads_every_line_ending_and_any_split_of_the_stream(chat_page, bytes_per_read):
-    """\\n, \\r\\n and \\r all end lines (the SSE spec allows each); comments need no blank line.
+    """\\n, \\r\\n and \\r all end lines (the SSE spec allows each); comments need no blank line;
+    an event comes with the last id sent.
 
     One byte per read splits every line, every \\r\\n pair and every UTF-8 character.
     """
@@ -770,12 +890,14 @@ def test_the_parser_reads_every_line_ending_and_any_split_of_the_stream(chat_pag
         "data: line one\r\n"  # a \r\n split between two reads is one line end, not two
         "data: line two\r\n\r\n"
         ": ping\r\n"
-        'data: {"content": "a\\nb"}\n\n'
-        "data:[DONE]\n\n"
+        'id: s.1\ndata: {"content": "a\\nb"}\n\n'
+        ": ping\n"
+        "retry: 1000\nid:s.2\ndata:[DONE]\n\n"
         "data: never ended"
     )
     events = chat_page.evaluate(PARSER, [stream, bytes_per_read])
-    expected = ['{"content": "응답"}', '{"content": "cr"}', "line one\nline two", '{"content": "a\\nb"}', "[DONE]"]
+    expected = ['{"content": "응답"}', '{"content": "cr"}', "line one\nline two", 's.1 {"content": "a\\nb"}']
+    expected += ["s.2 [DONE]"]
     assert events == expected
 
 
@@ -797,6 +919,11 @@ def test_the_page_works_under_a_url_prefix(host_app, page, upstream):
     expect(reply_text(page)).to_have_text("Mounted and streaming.")
     assert page.url == host_app.url + "/assistant/"
     assert upstream.received[0].path == "/v1/chat/completions"
+
+
+def test_a_reload_under_a_url_prefix_resumes_the_reply(host_app, page, upstream):
+    """Resuming and its cookie (Path=/assistant/api) go through the page's relative URLs too."""
+    reload_mid_reply(page, upstream, host_app.url + "/assistant/")
 
 
 # --- Content-Security-Policy ---------------------------------------------------------------------
@@ -849,6 +976,17 @@ def test_nginx_serves_the_page_with_the_apps_csp_and_it_chats_through_nginx(page
     say(page, "Hi")
     expect(reply_text(page).locator("td")).to_have_text(["gevent", "10000", "sync", "1"])
     assert page.evaluate("window.violations") == []
+
+
+def test_a_reload_through_nginx_resumes_the_reply_and_stop_stops_it(page_nginx, page, upstream):
+    """The shipped nginx.conf passes the resume (GET api/chat/<id>) and the stop through, unbuffered."""
+    reload_mid_reply(page, upstream, page_nginx.url + "/")
+    upstream.reset(tokens=COUNTING, delay=0.05)
+    say(page, "Again")
+    expect(reply_text(page)).to_contain_text("w02")
+    page.get_by_role("button", name="Stop").click()
+    expect(reply_note(page)).to_have_text("Stopped.")
+    assert upstream.received[0].hung_up.wait(5), "the stop did not reach the server through nginx"
 
 
 # --- Accessibility --------------------------------------------------------------------------------

@@ -72,7 +72,9 @@ def test_cors_allows_only_listed_origins(upstream):
 @pytest.fixture
 def capped_gunicorn(start_gunicorn):
     # Heartbeats every 0.25 s find the hung-up streams quickly.
-    return start_gunicorn({"CHAT_MAX_STREAMS": "2", "CHAT_HEARTBEAT_SECONDS": "0.25"}, name="capped")
+    # CHAT_RESUME_SECONDS=0: a stream's slot comes back as soon as its reader leaves.
+    settings = {"CHAT_MAX_STREAMS": "2", "CHAT_HEARTBEAT_SECONDS": "0.25", "CHAT_RESUME_SECONDS": "0"}
+    return start_gunicorn(settings, name="capped")
 
 
 def test_stream_cap_answers_503_instead_of_queueing(capped_gunicorn, upstream):

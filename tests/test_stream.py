@@ -20,15 +20,21 @@ def test_exact_bytes_on_the_wire(gunicorn, upstream):
     assert reply.headers["Content-Type"] == "text/event-stream"
     assert reply.headers["Cache-Control"] == "no-cache"
     assert reply.headers["X-Accel-Buffering"] == "no"
-    assert reply.raw == (
-        b": ok\n"
-        b'data: {"content": "Hel"}\n\n'
-        b'data: {"content": "lo"}\n\n'
-        b'data: {"content": ", w\xc3\xb6rld\\n"}\n\n'
+    events = [
+        b'data: {"content": "Hel"}\n\n',
+        b'data: {"content": "lo"}\n\n',
+        b'data: {"content": ", w\xc3\xb6rld\\n"}\n\n',
         b'data: {"content": "", "finish_reason": "stop", '
-        b'"usage": {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}}\n\n'
-        b"data: [DONE]\n\n"
-    )
+        b'"usage": {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}}\n\n',
+        b"data: [DONE]\n\n",
+    ]
+    # Each event's id names the stream and the log's position just after it (its id line included).
+    stream_id, position, expected = reply.headers["X-Stream-Id"].encode(), 0, b": ok\nretry: 1000\n"
+    for event in events:
+        id_line = b"id: %s.%010d\n" % (stream_id, position + len(b"id: ") + len(stream_id) + 12 + len(event))
+        position += len(id_line) + len(event)
+        expected += id_line + event
+    assert reply.raw == expected
 
 
 def test_upstream_gets_the_request_the_sdk_way(gunicorn, upstream):

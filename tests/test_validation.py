@@ -2,6 +2,7 @@
 
 import base64
 import contextlib
+import http.client
 import json
 import logging
 import select
@@ -407,3 +408,42 @@ def test_a_body_that_trickles_in_is_cut_and_frees_the_worker(upstream, start_gun
     assert cut_after < 2.5
     assert reply.status == 200 and reply.raw.endswith(b"data: [DONE]\n\n")
     assert len(upstream.received) == 1  # the real request's, none of the tricklers'
+
+
+def body_of(size):
+    """A valid chat body of exactly `size` bytes (the user's message is padded with x)."""
+    body = ok_body()
+    return body.replace(b'"Hi"', b'"Hi' + b"x" * (size - len(body)) + b'"')
+
+
+@pytest.fixture(scope="module")
+def small_body_gunicorn(fake_upstream_server, tmp_path_factory):
+    """gunicorn with a body limit of 100 bytes."""
+    from live_servers import Gunicorns
+
+    with Gunicorns(tmp_path_factory, fake_upstream_server.url) as gunicorns:
+        yield gunicorns.start({"CHAT_MODEL": "gpt-test", "CHAT_MAX_BODY_BYTES": "100"}, name="small-body")
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+@pytest.mark.parametrize("size, status", [(99, 200), (100, 200), (101, 413)])
+def test_the_body_limit_is_the_largest_body_accepted(small_body_gunicorn, upstream, chunked, size, status):
+    """CHAT_MAX_BODY_BYTES=100: a body of 100 bytes streams, one of 101 is refused, however it is framed."""
+    body = body_of(size)
+    assert len(body) == size
+    connection = http.client.HTTPConnection("127.0.0.1", small_body_gunicorn.port, timeout=10)
+    headers = {"Content-Type": "application/json"}
+    connection.request("POST", "/api/chat", iter([body]) if chunked else body, headers, encode_chunked=chunked)
+    response = connection.getresponse()
+    answer = response.read()
+
+    assert response.status == status
+    if status == 200:
+        assert answer.endswith(b"data: [DONE]\n\n")
+        assert len(upstream.received) == 1
+    else:
+        assert json.loads(answer)["error"] == {
+            "message": "The body is larger than 100 bytes.",
+            "code": "body_too_large",
+        }
+        assert upstream.received == []
