@@ -350,12 +350,36 @@ def relay_response(upstream, encoder, config=None, *, model="-", watcher=None, r
 
 def stream_response(blocks, encoder, request_id):
     """Return the Response that streams `blocks`, with the headers every stream has."""
-    return Response(
+    return StreamResponse(
         blocks,
         # No "Connection: keep-alive": it is hop-by-hop, gunicorn drops it and HTTP/2 forbids it.
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": request_id} | encoder.headers,
         content_type=encoder.media_type,  # text/event-stream is UTF-8 by definition: no charset needed
     )
+
+
+class StreamResponse(Response):
+    """A Response whose blocks the server takes straight from the generator, which already yields bytes.
+
+    werkzeug would wrap it in two layers that cost a call each per block (iter_encoded, ClosingIterator);
+    the server calls close() on what it iterates however the response ends, and that is the Response's
+    own close(): the generator's, then every call_on_close.
+    """
+
+    def get_app_iter(self, environ):
+        if environ["REQUEST_METHOD"] == "HEAD":
+            return super().get_app_iter(environ)  # no body at all
+        return ServerIterable(self.response, self.close)
+
+
+class ServerIterable:
+    """What a WSGI server iterates (PEP 3333): `blocks` themselves, and a close() it calls at the end."""
+
+    def __init__(self, blocks, close):
+        self.blocks, self.close = blocks, close
+
+    def __iter__(self):
+        return self.blocks
 
 
 def relay(reply, browser):
