@@ -55,7 +55,16 @@ from protocols import (
     read_json,
     require_json,
 )
-from upstream import SOCKET_BUFFER, ClientLeft, StreamTimeout, Upstream, UpstreamError, refusal, uses_demo
+from upstream import (
+    SOCKET_BUFFER,
+    ClientLeft,
+    StreamTimeout,
+    Unsupported,
+    Upstream,
+    UpstreamError,
+    refusal,
+    uses_demo,
+)
 
 log = logging.getLogger("chat")
 
@@ -89,6 +98,9 @@ DEFAULTS = {
     "CHAT_STREAM_USAGE": "auto",  # ask for usage (stream_options); auto: stop asking a server that refuses it
     "CHAT_MAX_TOKENS_FIELD": "auto",  # max_tokens or max_completion_tokens; auto: the latter for OpenAI only
     "CHAT_EXTRA_BODY": "",  # a JSON object merged into every upstream request, e.g. {"chat_template_kwargs": ...}
+    "CHAT_UPSTREAM_API": "chat",  # chat: /v1/chat/completions; responses: /v1/responses (OpenAI's reasoning summaries)
+    "CHAT_RESPONSES_STORE": "0",  # 1: let OpenAI store Responses conversations (its own default); 0: never
+    "CHAT_REASONING_SUMMARY": "auto",  # Responses: ask for reasoning summaries (auto, concise, detailed) or off
     "CHAT_METRICS": "",  # 1: count streams for Prometheus at /metrics (operate.py); unset or 0: nothing is loaded
     "CHAT_RESUME_SECONDS": 60.0,  # a reply goes on this long with no reader, for one to come back (0: ends at once)
     "CHAT_RESUME_KEEP_SECONDS": 300.0,  # a finished reply can be read again this long
@@ -129,6 +141,9 @@ SETTING_RULES = {  # setting: (check, what it must be); checked when the bluepri
     "CHAT_STREAM_USAGE": one_of("auto", "on", "off"),
     "CHAT_MAX_TOKENS_FIELD": one_of("auto", "max_tokens", "max_completion_tokens"),
     "CHAT_EXTRA_BODY": (json_object, "a JSON object"),
+    "CHAT_UPSTREAM_API": one_of("chat", "responses"),
+    "CHAT_RESPONSES_STORE": one_of("0", "1"),
+    "CHAT_REASONING_SUMMARY": one_of("auto", "concise", "detailed", "off"),
     "CHAT_METRICS": (lambda v: v in ("", "0", "1"), "1 (on), or 0 or unset (off)"),
     "CHAT_RESUME_SECONDS": WAIT,
     "CHAT_RESUME_KEEP_SECONDS": SECONDS,
@@ -193,6 +208,7 @@ def chat_reply():
     check_token(config["CHAT_API_TOKEN"])
     if "diagnostic" in request.args:  # `flask doctor`'s stream: at the chat's URL, so it takes the chat's proxy path
         require_json()  # or any site could open diagnostic streams from its visitors' browsers, with a form
+        read_json(config)  # read its body first, as a chat's is: a proxy may cut a stream answered before
         return diagnostic(config)
     if last_event_id := request.headers.get("Last-Event-ID"):  # a client's retry (fetch-event-source): never paid twice
         named = resume.parse_event_id(last_event_id)
@@ -220,6 +236,9 @@ def open_reply(config, model, messages, params, encoder, chat_id=None):
     try:
         browser = BrowserSocket.of_request(config)
         upstream = worker.upstream.open(model, messages, params, browser.has_left)
+    except Unsupported as exc:  # a parameter the upstream's API does not have; nothing was sent
+        worker.slots.release()
+        raise ApiError(400, "unsupported_parameter", str(exc)) from None
     except (openai.OpenAIError, ClientLeft) as exc:
         worker.slots.release()
         refused = ApiError(*refusal(exc, model))
@@ -291,6 +310,7 @@ class UpstreamStream(Protocol):
     """What the relay reads: upstream.py's ModelStream and DemoStream, operate.py's diagnostic stream, or yours."""
 
     reader: str  # how it reads, for the stream's log line: "socket", "httpx", "demo", ...
+    # Optional, `api`: the API that served it, for the log line and metrics ("chat", "responses", "demo").
     finished: bool  # true once the reply is complete; then finish_reason and usage are final
     finish_reason: str | None  # "stop", "length", ...
     usage: dict | None  # the upstream's token counts, or None
@@ -323,9 +343,11 @@ class Watcher(Protocol):
 
     def opened(self, stream_id: str) -> None: ...
 
-    def ended(self, outcome: str, code: str | None, first: dict, duration: float, usage: dict, deltas: int) -> None:
+    def ended(
+        self, outcome: str, code: str | None, first: dict, duration: float, usage: dict, deltas: int, api: str
+    ) -> None:
         """`outcome` as the log line's end=; `code` the error event's, or the finish reason; `first` maps
-        "content" and "reasoning" to the seconds from the request to its first delta."""
+        "content" and "reasoning" to the seconds from the request to its first delta; `api` as the log line's."""
 
 
 def relay_response(upstream, encoder, config=None, *, model="-", watcher=None, requested_at=None, stream_log=None):
@@ -353,7 +375,9 @@ def stream_response(blocks, encoder, request_id):
     return StreamResponse(
         blocks,
         # No "Connection: keep-alive": it is hop-by-hop, gunicorn drops it and HTTP/2 forbids it.
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": request_id} | encoder.headers,
+        # no-transform: HAProxy's compression (and a CDN's) then leaves the stream alone.
+        headers={"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no", "X-Request-Id": request_id}
+        | encoder.headers,
         content_type=encoder.media_type,  # text/event-stream is UTF-8 by definition: no charset needed
     )
 
@@ -591,8 +615,10 @@ class StreamRecord:
         usage = upstream.usage if isinstance(upstream.usage, dict) else {}
         details = usage.get("completion_tokens_details")
         details = details if isinstance(details, dict) else {}
+        api = getattr(upstream, "api", "-")  # a host's own stream may not say
         log.info(
-            "stream %s model=%s end=%s ttfr=%s ttft=%s duration=%.3fs events=%d tokens=%s reasoning=%s reader=%s",
+            "stream %s model=%s end=%s ttfr=%s ttft=%s duration=%.3fs events=%d tokens=%s reasoning=%s"
+            " reader=%s api=%s",
             self.stream_id,
             self.model,
             self.outcome,
@@ -603,11 +629,14 @@ class StreamRecord:
             usage.get("completion_tokens", self.counts["content"] + self.counts["reasoning"]),
             details.get("reasoning_tokens", self.counts["reasoning"]),
             upstream.reader,
+            api,
             extra={"secrets": self.secrets},
         )
         if self.watcher:
             deltas = sum(self.counts.values())
-            self.watcher.ended(self.outcome, self.code or upstream.finish_reason, self.first, duration, usage, deltas)
+            self.watcher.ended(
+                self.outcome, self.code or upstream.finish_reason, self.first, duration, usage, deltas, api
+            )
 
 
 def seconds(value):

@@ -67,9 +67,9 @@ class Metrics:
         )  # livesum: the live workers' figures added up; an exited worker's are dropped (gunicorn.conf.py)
         self.streams_ended = Counter(
             "chat_streams_ended",
-            "Streams ended, by outcome (as the stream's log line says) and code (the error event's, or the"
-            " finish_reason of a complete reply).",
-            ["outcome", "code"],
+            "Streams ended, by outcome (as the stream's log line says), code (the error event's, or the"
+            " finish_reason of a complete reply) and api (the upstream's: chat or responses).",
+            ["outcome", "code", "api"],
             registry=registry,
         )
         self.first_reasoning = Histogram(
@@ -117,12 +117,12 @@ class Metrics:
     def opened(self, stream_id):
         self.open_streams.inc()
 
-    def ended(self, outcome, code, first, duration, usage, deltas):
+    def ended(self, outcome, code, first, duration, usage, deltas, api="chat"):
         """Count one stream that ended: the relay calls this once, from its `finally`."""
         self.open_streams.dec()
         if code and outcome not in ERROR_OUTCOMES and code not in FINISH_REASONS:
             code = "other"
-        self.streams_ended.labels(outcome, code or "").inc()
+        self.streams_ended.labels(outcome, code or "", api).inc()
         if "reasoning" in first:
             self.first_reasoning.observe(first["reasoning"])
         if "content" in first:
@@ -157,9 +157,13 @@ class Metrics:
 
 # --- The diagnostic stream: a known script through the real relay, no model ---------------------------
 
-TICKS, TICK_SECONDS = 10, 0.25  # events sent spread out, for the buffering check
+# Events sent 50 ms apart, for the buffering check: a proxy that gathers writes for 100-250 ms (HAProxy
+# compressing) then shows as fewer reads than events, which 250 ms apart it did not.
+TICKS, TICK_SECONDS = 20, 0.05
 MAX_SILENCE = 600.0  # seconds a diagnostic stream may be asked to stay silent
-ABORT_HEARTBEATS = 4  # the abort stream's silence, in heartbeats: room to notice a hang-up late
+# The abort stream's silence, in heartbeats: the doctor hangs up at the first ping of it, and a proxy that
+# passes the hang-up on late (Apache: 2 to 3 heartbeats) still has room to, before the stream ends.
+ABORT_HEARTBEATS = 5
 DIAGNOSTIC_STREAMS = 4  # open at once per worker (a doctor opens 2); past it 503
 diagnostic_slots = threading.BoundedSemaphore(DIAGNOSTIC_STREAMS)
 
@@ -197,7 +201,7 @@ class DiagnosticStream(ScriptedStream):
     stream ends, how is recorded for `report`.
     """
 
-    reader = "diagnostic"
+    reader = api = "diagnostic"
 
     def __init__(self, silence, heartbeat):
         super().__init__()
@@ -214,7 +218,7 @@ class DiagnosticStream(ScriptedStream):
         # A chat client shows each as a line of JSON.
         self.steps.extend((due, "content", json.dumps(payload) + "\n") for due, payload in script)
 
-    def ended(self, outcome, code, first, duration, usage, deltas):
+    def ended(self, outcome, code, first, duration, usage, deltas, api="diagnostic"):
         save_record({"id": self.id, "end": outcome, "duration": round(duration, 3), "pid": os.getpid()})
 
     def release(self):
@@ -267,8 +271,8 @@ def report(stream_id):
 # --- The doctor: `flask --app app doctor URL` ---------------------------------------------------------
 #
 # Standard library only, so it runs from any machine with the checkout: http.client for the streams,
-# ssl and socket for TLS and ALPN. Its own requests are HTTP/1.1 (what http.client speaks); whether
-# the server offers HTTP/2 is asked in a TLS handshake of its own.
+# ssl and socket for TLS and ALPN. Its streams are HTTP/1.1 (what http.client speaks), and where the
+# server offers HTTP/2 the abort check runs over it too, with just enough of HTTP/2 for one stream.
 
 CHAT_BODY = json.dumps({"messages": [{"role": "user", "content": "flask doctor"}]}).encode()
 
@@ -307,73 +311,91 @@ class Target:
         # HTTP/1.1 only: offered h2, the server would choose it, and http.client cannot speak it.
         return http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self.context(["http/1.1"]))
 
-    def post(self, connection, body=b"", **query):
+    def path(self, query):
+        return f"{self.chat}?{urlencode(query)}"
+
+    def headers(self, accept="gzip"):
+        """The doctor's request headers: a browser's Accept-Encoding on the streams, identity elsewhere."""
         auth = {"Authorization": f"Bearer {self.token}"} if self.sends_token() else {}
-        headers = {"Content-Type": "application/json", "Accept-Encoding": "gzip", **auth}
-        connection.request("POST", f"{self.chat}?{urlencode(query)}", body, headers)
+        return {"Content-Type": "application/json", "Accept-Encoding": accept, **auth}
+
+    def post(self, connection, body=b"", accept="gzip", **query):
+        # One request per connection: a proxy may cut a stream on a connection it would reuse (Caddy did,
+        # 1 in 10-25 streams, until the app read the body first and the doctor sent `Connection: close`).
+        connection.request("POST", self.path(query), body, {**self.headers(accept), "Connection": "close"})
         return connection.getresponse()
 
 
 class Run:
     """One diagnostic stream as the doctor received it: status, headers, and each line with its arrival."""
 
-    def __init__(self, target, **query):
-        self.target, self.query = target, query
+    def __init__(self, target, http2=False, **query):
+        self.target, self.http2, self.query = target, http2, query
         self.status, self.headers, self.body, self.error = None, {}, b"", None
         self.lines = []  # (monotonic time of arrival, line)
         self.sent_at = self.ended_at = self.hung_up_at = None
-        self.connection, self.hanging_up = None, threading.Lock()
+        self.exchange, self.hanging_up = None, threading.Lock()
 
-    def run(self, timeout, hang_up_by=None):
-        """Read the stream to its end; with `hang_up_by`, hang up after the ticks, or that many seconds
-        after sending if they are held back."""
-        self.connection = self.target.connection(timeout)
-        self.sent_at = time.monotonic()
-        timer = threading.Timer(hang_up_by, self.hang_up) if hang_up_by else None
-        if timer:
-            timer.start()
+    def run(self, timeout, hang_up=False):
+        """Read the stream to its end; with `hang_up`, hang up at the first ping of its silence (the path
+        has then held a heartbeat without events), or once that ping is overdue."""
+        self.sent_at, finished = time.monotonic(), threading.Event()
+        if hang_up:
+            threading.Thread(target=self.hang_up_when_overdue, args=(finished,), daemon=True).start()
         try:
-            self.read(hang_up_after_ticks=timer is not None)
-        except (OSError, http.client.HTTPException) as exc:  # cut short, or the timer hung up
+            self.exchange = (Http2Exchange if self.http2 else Http1Exchange)(self.target, timeout)
+            self.read(hang_up)
+        except (OSError, ValueError, http.client.HTTPException) as exc:  # cut short, or hung up
             if self.hung_up_at is None:
                 self.error = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # whatever else: a line in the report, never a traceback
+            self.error = f"{type(exc).__name__}: {exc}"
         finally:
             self.ended_at = time.monotonic()
-            if timer:
-                timer.cancel()
-            self.hang_up()
+            finished.set()
+            if self.exchange and not (self.http2 and self.hung_up_at):
+                self.exchange.close()  # an HTTP/2 connection outlives its stream, as a browser's does: `close`
 
-    def read(self, hang_up_after_ticks):
-        response = self.target.post(self.connection, CHAT_BODY, **self.query)
-        self.status, self.headers = response.status, response.headers
-        if response.status != 200:
-            self.body = response.read(4096)
+    def read(self, hang_up):
+        self.status, self.headers = self.exchange.request(self.target, self.query, CHAT_BODY)
+        if self.status not in (200, None):
+            self.body = self.exchange.body()
             return
-        encoding = (response.headers.get("Content-Encoding") or "identity").lower()
-        inflate = {"gzip": zlib.decompressobj(16 + zlib.MAX_WBITS), "deflate": zlib.decompressobj()}.get(encoding)
-        pending = b""
-        while data := response.read1(65536):
+        inflate, pending = None, b""
+        for data in self.exchange.chunks():  # read on after hanging up: the exchange ends it its own way
             arrived = time.monotonic()
-            if encoding != "identity":
-                if inflate is None:
-                    continue  # br or the like: unreadable here
-                data = inflate.decompress(data)
-            *lines, pending = (pending + data).split(b"\n")
+            inflate = inflate or decoder(self.headers.get("Content-Encoding"), data)
+            *lines, pending = (pending + inflate(data)).split(b"\n")
             self.lines += [(arrived, line) for line in lines]
-            if hang_up_after_ticks and self.ticks()[TICKS - 1 :]:
+            if hang_up and self.pinged_in_silence():
+                self.hang_up()
+
+    def hang_up_when_overdue(self, finished):
+        """Hang up when no event came at all, or the silence's first ping is two heartbeats late: held back."""
+        while not finished.wait(0.05):
+            about, ticks = self.about(), self.ticks()
+            if about and ticks:
+                due = ticks[-1] + 2 * float(about.get("heartbeat", 1)) + 1
+            else:
+                due = self.sent_at + TICKS * TICK_SECONDS + 1.5
+            if time.monotonic() > due:
                 self.hang_up()
                 return
 
     def hang_up(self):
-        """Close the connection for real, once (the reading thread and the timer may both try)."""
+        """Hang up, once: the reading thread and the watch may both try; the reading thread closes."""
         with self.hanging_up:
-            if self.hung_up_at is None and self.connection is not None:
+            if self.hung_up_at is None and self.exchange is not None:
                 self.hung_up_at = time.monotonic()
-                try:
-                    self.connection.sock.shutdown(socket.SHUT_RDWR)
-                except (AttributeError, OSError):
-                    pass
-                self.connection.close()
+                self.exchange.cancel()
+
+    def close(self):
+        if self.exchange:
+            self.exchange.close()
+
+    def pinged_in_silence(self):
+        ticks = self.ticks()
+        return len(ticks) >= TICKS and any(value == "ping" and at >= ticks[-1] for at, value in self.events())
 
     def events(self):
         """(arrival, value) of each data event (a dict, or "[DONE]") and comment (": ping" -> "ping")."""
@@ -404,6 +426,9 @@ class Run:
         """The first event's facts (id, pid, heartbeat, silence), or {} if it never came."""
         return next((d for _, d in self.diagnostics() if "id" in d), {})
 
+    def about_at(self):
+        return next((at for at, d in self.diagnostics() if "id" in d), None)
+
     def ticks(self):
         return [at for at, d in self.diagnostics() if "tick" in d]
 
@@ -412,9 +437,9 @@ class Run:
 
     def refused(self):
         """Why the stream never started, in words; None if it did."""
-        if self.status is None:
+        if self.status is None and not self.lines:
             return f"no answer: {self.error}" if self.error else "nothing came back before the doctor hung up"
-        if self.status == 200:
+        if self.status in (200, None):
             return None
         try:
             message = json.loads(self.body)["error"]["message"]
@@ -424,8 +449,158 @@ class Run:
         return f"the diagnostic stream got HTTP {self.status}: {message}{withheld}"
 
 
+def decoder(encoding, first):
+    """Return a function that turns what arrives into the stream's bytes: gzip and deflate inflated (by
+    the header, or gzip's magic where no header was read: HTTP/2), anything else dropped as unreadable."""
+    encoding = (encoding or ("gzip" if first.startswith(b"\x1f\x8b") else "identity")).lower()
+    if encoding == "identity":
+        return lambda data: data
+    inflate = {"gzip": zlib.decompressobj(16 + zlib.MAX_WBITS), "deflate": zlib.decompressobj()}.get(encoding)
+    return inflate.decompress if inflate else lambda data: b""
+
+
+class Http1Exchange:
+    """One request and its response over HTTP/1.1 (http.client); the hang-up is a shutdown of the socket."""
+
+    def __init__(self, target, timeout):
+        self.connection, self.sock, self.response = target.connection(timeout), None, None
+
+    def request(self, target, query, body):
+        self.connection.connect()
+        self.sock = self.connection.sock  # the response takes it over (`Connection: close`): keep it to hang up
+        self.response = target.post(self.connection, body, **query)
+        return self.response.status, self.response.headers
+
+    def chunks(self):
+        while data := self.response.read1(65536):
+            yield data
+
+    def body(self):
+        return self.response.read(4096)
+
+    def cancel(self):
+        """Called from the watch's thread too, so only a shutdown: the reading thread sees its end and closes.
+        (Closing here raced read1() inside http.client: an AttributeError in the report.)"""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except (AttributeError, OSError):
+            pass
+
+    def close(self):
+        for part in (self.response, self.connection, self.sock):
+            if part is not None:
+                part.close()
+
+
+class Http2Exchange:
+    """Just enough HTTP/2 (RFC 9113) for one POST and its stream, to hang up as a browser closes a tab:
+    a RST_STREAM on a connection that stays open, which a proxy must pass on as the close of its
+    upstream request. Headers are sent as HPACK literals, and only the response's :status is decoded.
+    Everything is sent from the reading thread; a hang-up asked from another is sent at its next poll."""
+
+    PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+    DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = 0, 1, 3, 4, 6, 7, 8, 9
+    END_STREAM, ACK, END_HEADERS, PADDED = 0x1, 0x1, 0x4, 0x8
+    STATUSES = {0x88: 200, 0x89: 204, 0x8A: 206, 0x8B: 304, 0x8C: 400, 0x8D: 404, 0x8E: 500}  # HPACK's static table
+    WINDOW = 1 << 24  # bytes the server may send before the doctor says it read them: more than a diagnostic stream
+
+    def __init__(self, target, timeout):
+        raw = socket.create_connection((target.host, target.port), timeout=timeout)
+        self.sock = target.context(["h2"]).wrap_socket(raw, server_hostname=target.host)
+        if self.sock.selected_alpn_protocol() != "h2":
+            self.sock.close()
+            raise OSError("the server did not choose HTTP/2")
+        self.sock.settimeout(0.05)  # polls, so that a hang-up asked from another thread is sent from this one
+        self.timeout, self.buffer, self.cancelled, self.reset = timeout, b"", False, False
+
+    def frame(self, kind, flags, stream, payload=b""):
+        return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+    def request(self, target, query, body):
+        fields = [(":method", "POST"), (":scheme", "https"), (":authority", f"{target.host}:{target.port}")]
+        fields += [(":path", target.path(query)), ("content-length", str(len(body)))]
+        fields += [(name.lower(), value) for name, value in target.headers().items()]
+        block = b"".join(b"\x00" + hpack_string(name) + hpack_string(value) for name, value in fields)
+        settings = (4).to_bytes(2, "big") + self.WINDOW.to_bytes(4, "big")  # SETTINGS_INITIAL_WINDOW_SIZE
+        self.sock.sendall(
+            self.PREFACE
+            + self.frame(self.SETTINGS, 0, 0, settings)
+            + self.frame(self.WINDOW_UPDATE, 0, 0, self.WINDOW.to_bytes(4, "big"))
+            + self.frame(self.HEADERS, self.END_HEADERS, 1, block)
+            + self.frame(self.DATA, self.END_STREAM, 1, body)
+        )
+        for kind, flags, payload in self.frames():
+            if kind == self.HEADERS:
+                return self.STATUSES.get(payload[1 if flags & self.PADDED else 0]), {}
+        return None, {}
+
+    def chunks(self):
+        """The DATA of stream 1 as it arrives, until it ends, the server resets it, or the doctor hangs up."""
+        for kind, flags, payload in self.frames():
+            if kind == self.DATA:
+                yield payload[1 : len(payload) - payload[0]] if flags & self.PADDED else payload
+            if kind in (self.DATA, self.HEADERS) and flags & self.END_STREAM:
+                return
+
+    def body(self):
+        return b"".join(self.chunks())[:4096]
+
+    def frames(self):
+        """(type, flags, payload) of stream 1's frames; answers the connection's SETTINGS and PINGs."""
+        while True:
+            while len(self.buffer) < 9 or len(self.buffer) < 9 + int.from_bytes(self.buffer[:3], "big"):
+                self.receive()
+            length, kind, flags = int.from_bytes(self.buffer[:3], "big"), self.buffer[3], self.buffer[4]
+            stream = int.from_bytes(self.buffer[5:9], "big") & 0x7FFFFFFF
+            payload, self.buffer = self.buffer[9 : 9 + length], self.buffer[9 + length :]
+            if kind == self.SETTINGS and not flags & self.ACK:
+                self.sock.sendall(self.frame(self.SETTINGS, self.ACK, 0))
+            elif kind == self.PING and not flags & self.ACK:
+                self.sock.sendall(self.frame(self.PING, self.ACK, 0, payload))
+            elif kind == self.GOAWAY or (kind == self.RST_STREAM and stream == 1):
+                raise ConnectionResetError("the server ended the HTTP/2 stream (RST_STREAM or GOAWAY)")
+            elif stream == 1:
+                yield kind, flags, payload
+
+    def receive(self):
+        idle_until = time.monotonic() + self.timeout
+        while True:
+            if self.cancelled and not self.reset:
+                self.reset = True
+                self.sock.sendall(self.frame(self.RST_STREAM, 0, 1, (0x8).to_bytes(4, "big")))  # CANCEL
+            if self.reset:
+                raise ConnectionAbortedError("the doctor hung up")
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                if time.monotonic() > idle_until:
+                    raise
+                continue
+            if not data:
+                raise ConnectionResetError("the server closed the connection")
+            self.buffer += data
+            return
+
+    def cancel(self):
+        self.cancelled = True  # the reading thread sends the RST_STREAM (see `receive`)
+
+    def close(self):
+        self.sock.close()
+
+
+def hpack_string(text):
+    """An HPACK string literal without Huffman coding: its length as a 7-bit-prefix integer, then it."""
+    data, length, prefix = text.encode(), len(text.encode()), b""
+    if length < 127:
+        return bytes([length]) + data
+    prefix, length = b"\x7f", length - 127
+    while length >= 128:
+        prefix, length = prefix + bytes([length % 128 + 128]), length // 128
+    return prefix + bytes([length]) + data
+
+
 class Check:
-    """One line of the doctor's report: PASS or FAIL, what it saw, and for a failure the fix in one sentence."""
+    """One line of the doctor's report: PASS or FAIL, what it saw, and for a failure the fix (one line per proxy)."""
 
     def __init__(self, name, passed, seen, fix=""):
         self.name, self.passed, self.seen, self.fix = name, passed, seen, fix
@@ -433,7 +608,9 @@ class Check:
     def lines(self):
         yield f"{'PASS' if self.passed else 'FAIL'}  {self.name:<16} {self.seen}"
         if not self.passed:
-            yield f"{'':<23}Fix: {self.fix}"
+            first, *more = self.fix.split("\n")
+            yield f"{'':<23}Fix: {first}"
+            yield from (f"{'':<23}  {line}" for line in more)
 
 
 def doctor(url, silence, token, cafile=None, echo=print, insecure=False):
@@ -451,18 +628,26 @@ def doctor(url, silence, token, cafile=None, echo=print, insecure=False):
             echo(f"WARNING: the certificate is not trusted ({tls['error']}); --insecure: the token is sent anyway.")
         else:
             echo(f"The certificate is not trusted ({tls['error']}): the token is not sent. {TRUST}")
-    main, abort = Run(target, diagnostic="stream", silence=f"{silence:g}"), Run(target, diagnostic="abort")
+    main = Run(target, diagnostic="stream", silence=f"{silence:g}")
+    aborts = [("HTTP/1.1", Run(target, diagnostic="abort"))]
+    if tls and tls["alpn"] == "h2":  # a browser's tab over HTTP/2 ends with a RST_STREAM, not a closed connection
+        aborts.append(("HTTP/2", Run(target, http2=True, diagnostic="abort")))
     timeout = silence + 30  # no byte for that long: the stream is stuck somewhere
-    aborting = threading.Thread(target=abort.run, args=(timeout, TICKS * TICK_SECONDS + 1.5), daemon=True)
-    aborting.start()
+    aborting = [threading.Thread(target=run.run, args=(timeout, True), daemon=True) for _, run in aborts]
+    for thread in aborting:
+        thread.start()
     main.run(timeout)
-    aborting.join()
+    for thread in aborting:
+        thread.join()
+    proxy = proxy_in_front(main.headers) or proxy_in_front(aborts[0][1].headers)
     checks = [
-        *check_stream(main, silence),
-        check_http2(target, tls),
-        check_abort(target, abort),
+        *check_stream(main, silence, proxy),
+        check_http2(target, tls, proxy),
+        check_abort(target, aborts, proxy),
         check_tls(target, tls),
     ]
+    for _, run in aborts:
+        run.close()
     for check in checks:
         for line in check.lines():
             echo(line)
@@ -497,11 +682,11 @@ def fetch_report(target, stream_id, until):
     while time.monotonic() < until:
         connection = target.connection(10)
         try:
-            response = target.post(connection, diagnostic="report", id=stream_id)
+            response = target.post(connection, CHAT_BODY, accept="identity", diagnostic="report", id=stream_id)
             body = response.read()
-            if response.status == 200:
-                return json.loads(body)
-        except (OSError, http.client.HTTPException, ValueError):
+            if response.status == 200:  # read whatever its encoding: a proxy may compress it all the same
+                return json.loads(decoder(response.headers.get("Content-Encoding"), body)(body))
+        except (OSError, http.client.HTTPException, ValueError, zlib.error):
             pass
         finally:
             connection.close()
@@ -509,46 +694,130 @@ def fetch_report(target, stream_id, until):
     return None
 
 
-UNBUFFER = "Turn buffering off for the stream on every proxy: nginx's `proxy_buffering off;` and `gzip off;`."
-UNCOMPRESS = "Do not compress the stream: `gzip off;` in its nginx location, and text/event-stream in no gzip_types."
+# --- The fixes, in the words of the proxy in front ------------------------------------------------
+#
+# Caddy says who it is (`Server: Caddy` beside gunicorn's), nginx replaces gunicorn's Server header
+# with its own. HAProxy and Apache pass `Server: gunicorn` on and add no Via, so where the doctor
+# cannot tell, a fix names the directive of each of the four (README: Behind Caddy, HAProxy or Apache).
+
+PROXIES = ("nginx", "Caddy", "HAProxy", "Apache")
+FIXES = {
+    "unbuffer": (
+        "Let each event through as the app writes it.",
+        {
+            "nginx": "`proxy_buffering off;` and `gzip off;` in the chat's location.",
+            "Caddy": "no `encode` that matches text/event-stream, no `buffer_responses`, no positive `flush_interval`.",
+            "HAProxy": "no `compression` of the stream: a `compression type` list without text/event-stream.",
+            "Apache": "`SetEnv no-gzip 1` in the chat's <LocationMatch>, and `flushpackets=on` on its ProxyPass.",
+        },
+    ),
+    "uncompress": (
+        "Do not compress the stream.",
+        {
+            "nginx": "`gzip off;` in the chat's location, and text/event-stream in no gzip_types.",
+            "Caddy": "an `encode` without a `match` that takes text/event-stream in (its default types leave it out).",
+            "HAProxy": "text/event-stream in no `compression type` (the app's `Cache-Control: no-transform` stops it).",
+            "Apache": "`SetEnv no-gzip 1` in the chat's <LocationMatch> (mod_deflate ignores `no-transform`).",
+        },
+    ),
+    "read_timeout": (
+        "Raise the proxy's timeout between two reads from the app, or set CHAT_HEARTBEAT_SECONDS below {idle}.",
+        {
+            "nginx": "`proxy_read_timeout 300s;` in the chat's location.",
+            "Caddy": "`read_timeout 300s` in the `transport http` block of `reverse_proxy` (or none: Caddy's default).",
+            "HAProxy": "`timeout server 300s` (`timeout tunnel` does not cover an SSE response).",
+            "Apache": "`timeout=300` on the chat's ProxyPass (the default is `Timeout`: 60 s).",
+        },
+    ),
+    "http2": (
+        "Offer HTTP/2: over HTTP/1.1 a browser holds at most 6 streams per site.",
+        {
+            "nginx": "`http2` on the `listen 443 ssl` line.",
+            "Caddy": "an https site address: Caddy offers h2 there (unless the `servers` option `protocols` drops it).",
+            "HAProxy": "`alpn h2,http/1.1` on the `bind ... ssl crt ...` line.",
+            "Apache": "`Protocols h2 http/1.1` in the site, with mod_http2 (a2enmod http2) and mpm_event.",
+        },
+    ),
+    "abort": (
+        "Pass a closed tab on to the app at once, so that it stops the model.",
+        {
+            "nginx": "`proxy_ignore_client_abort off;` (the default) in the chat's location.",
+            "Caddy": "no `flush_interval -1` in `reverse_proxy`: it keeps the app's request going once the tab left.",
+            "HAProxy": "`option abortonclose` in the defaults (or the backend).",
+            "Apache": "no directive (it hears of a closed tab at its 2nd failed write): set CHAT_HEARTBEAT_SECONDS=5.",
+        },
+    ),
+}
 KEEP_HEADERS = "Pass the app's response headers through unchanged (proxy_hide_header, add_header, a CDN's transforms)."
-READ_TIMEOUT = (
-    "Raise the proxy's read timeout (nginx: `proxy_read_timeout 300s;`), or set CHAT_HEARTBEAT_SECONDS below {}."
+TOTAL_TIMEOUT = (
+    "Something ends responses after {} s however many bytes flow: raise that total timeout"
+    " (Caddy: the `servers` option `timeouts { write }`; a load balancer or CDN in front)."
 )
-TOTAL_TIMEOUT = "Something ends responses after {} s however many bytes flow: raise that proxy's total timeout."
-HTTP2 = "Add `http2` to nginx's `listen 443 ssl` line: over HTTP/1.1 a browser holds at most 6 streams per site."
-ABORT = "Set `proxy_ignore_client_abort off;` (the default) where the chat is proxied: a closed tab stops the model."
+POINT = "Point the doctor at the chat's URL, with its token."
+HTTPS = "Serve it over HTTPS (README: Deploy on a VM for nginx; Behind Caddy, HAProxy or Apache)."
 TRUST = "Pass the CA with --cafile, or --insecure to send the token to this server all the same."
-HTTPS = "Serve it over HTTPS: `certbot --nginx -d <your domain>` (README, Deploy on a VM)."
 
 
-def check_stream(run, silence):
+def proxy_in_front(headers):
+    """The proxy that says who it is in the Server header (Caddy, nginx), or None."""
+    servers = " ".join(getattr(headers, "get_all", lambda name: None)("Server") or []).lower()
+    if "caddy" in servers:
+        return "Caddy"
+    return "nginx" if servers.startswith("nginx") else None
+
+
+def fix(kind, proxy, **values):
+    """The fix for `kind`, in the directive of `proxy`, or of each of the four when it is None."""
+    sentence, directives = FIXES[kind]
+    sentence = sentence.format(**values)
+    if proxy:
+        return f"{sentence} {proxy}: {directives[proxy]}"
+    return "\n".join([f"{sentence} By the proxy in front:", *(f"{name}: {directives[name]}" for name in PROXIES)])
+
+
+def check_stream(run, silence, proxy):
     """The checks of the main diagnostic stream: buffering, compression, headers, the silence, the heartbeat."""
     names = ["not buffered", "not compressed", "SSE headers", f"silence of {silence:g} s", "heartbeat"]
     if run.refused():
-        return [
-            Check(name, False, run.refused(), "Point the doctor at the chat's URL, with its token.") for name in names
-        ]
-    return [check_buffering(run), check_compression(run), check_headers(run), *check_silence(run, silence)]
+        return [Check(name, False, run.refused(), POINT) for name in names]
+    return [
+        check_buffering(run, proxy),
+        check_compression(run, proxy),
+        check_headers(run),
+        *check_silence(run, silence, proxy),
+    ]
 
 
-def check_buffering(run):
-    ticks, sent_over = run.ticks(), (TICKS - 1) * TICK_SECONDS
-    if len(ticks) < TICKS:
+LATE_SECONDS = 0.5  # an event that arrives this much later than the promptest one (for when each was sent) was held
+
+
+def check_buffering(run, proxy):
+    """Did each event arrive when it was sent, in a read of its own? Spread out is not enough: a proxy that
+    holds each write until the next one, or for a heartbeat, spreads them out late."""
+    ticks, about_at = run.ticks(), run.about_at()
+    if len(ticks) < TICKS or about_at is None:
         unreadable = " (compressed in a way the doctor cannot read)" if not run.lines else ""
-        return Check("not buffered", False, f"{len(ticks)} of {TICKS} events arrived{unreadable}", UNBUFFER)
-    spread, reads = ticks[-1] - ticks[0], len(set(ticks))
-    seen = f"{TICKS} events sent over {sent_over:.2f} s arrived over {spread:.2f} s, in {reads} reads"
-    if spread >= sent_over / 2 and reads >= TICKS // 2:
-        return Check("not buffered", True, seen)
-    return Check("not buffered", False, seen + ": held back, then sent together", UNBUFFER)
+        seen = f"{len(ticks)} of {TICKS} events arrived{unreadable}"
+        return Check("not buffered", False, seen, fix("unbuffer", proxy))
+    # Arrival minus sending time, for each event (the clocks differ: only the differences count).
+    delays = [at - i * TICK_SECONDS for i, at in enumerate([about_at, *ticks])]
+    late, reads = max(delays) - min(delays), len({about_at, *ticks})
+    seen = (
+        f"{TICKS + 1} events sent {TICK_SECONDS * 1000:.0f} ms apart arrived in {reads} read{'s' * (reads > 1)}, up to"
+    )
+    seen += f" {late * 1000:.0f} ms late"
+    if late > LATE_SECONDS:
+        return Check("not buffered", False, seen + ": held back", fix("unbuffer", proxy))
+    if reads < (TICKS + 1) // 2:
+        return Check("not buffered", False, seen + ": gathered, then sent together", fix("unbuffer", proxy))
+    return Check("not buffered", True, seen)
 
 
-def check_compression(run):
+def check_compression(run, proxy):
     encoding = run.headers.get("Content-Encoding") or "identity"
     if encoding.lower() == "identity":
         return Check("not compressed", True, "no Content-Encoding, though the doctor accepts gzip")
-    return Check("not compressed", False, f"Content-Encoding: {encoding}", UNCOMPRESS)
+    return Check("not compressed", False, f"Content-Encoding: {encoding}", fix("uncompress", proxy))
 
 
 def check_headers(run):
@@ -565,7 +834,7 @@ def check_headers(run):
     return Check("SSE headers", True, f"Content-Type: {content_type}, Cache-Control: {cache}")
 
 
-def check_silence(run, silence):
+def check_silence(run, silence, proxy):
     """Did the silence get through (with the pings a real stream has), and if not, was it cut for idling?"""
     name, heartbeat, ticks = f"silence of {silence:g} s", run.about().get("heartbeat"), run.ticks()
     if heartbeat is None or len(ticks) < TICKS:
@@ -581,44 +850,58 @@ def check_silence(run, silence):
     idle = run.ended_at - max(at for at, _ in run.lines)
     seen = f"cut {run.ended_at - ticks[-1]:.1f} s into it, {idle:.1f} s after the last bytes ({pings} pings)"
     if idle < heartbeat:  # cut between two pings: an idle timeout shorter than the heartbeat
-        fix = READ_TIMEOUT.format(f"{idle:.0f}")
+        timeout = fix("read_timeout", proxy, idle=f"{idle:.0f}")
         idled = f"every {heartbeat:g} s, but the path cut {idle:.1f} s without a byte"
-        return [Check(name, False, seen, fix), Check("heartbeat", False, idled, fix)]
-    fix = TOTAL_TIMEOUT.format(f"{run.ended_at - run.sent_at:.0f}")
-    return [Check(name, False, seen, fix), Check("heartbeat", True, f"every {heartbeat:g} s, and the pings arrived")]
+        return [Check(name, False, seen, timeout), Check("heartbeat", False, idled, timeout)]
+    total = TOTAL_TIMEOUT.format(f"{run.ended_at - run.sent_at:.0f}")
+    return [Check(name, False, seen, total), Check("heartbeat", True, f"every {heartbeat:g} s, and the pings arrived")]
 
 
-def check_http2(target, tls):
+def check_http2(target, tls, proxy):
     if not target.tls:
         return Check("HTTP/2", False, "plain HTTP: browsers speak HTTP/2 only over TLS", HTTPS)
     if tls["alpn"] == "h2":
-        return Check("HTTP/2", True, "offered (ALPN h2); the doctor's own requests use HTTP/1.1")
-    return Check("HTTP/2", False, f"not offered (ALPN: {tls['alpn'] or 'none'})", HTTP2)
+        return Check("HTTP/2", True, "offered (ALPN h2); the abort check runs over it too")
+    return Check("HTTP/2", False, f"not offered (ALPN: {tls['alpn'] or 'none'})", fix("http2", proxy))
 
 
-def check_abort(target, run):
-    """Did the app learn at its next heartbeat that the doctor hung up? Its record of the stream says."""
-    about = run.about()
+def check_abort(target, runs, proxy):
+    """Did the app learn at its next heartbeat that the doctor hung up, over each HTTP version it tried?"""
+    verdicts = [(label, *abort_verdict(target, run, proxy)) for label, run in runs]
+    seen = "; ".join(f"{label}: {seen}" for label, _, seen, _ in verdicts) if len(verdicts) > 1 else verdicts[0][2]
+    failed = [fix for _, passed, _, fix in verdicts if not passed]
+    return Check("client abort", not failed, seen, failed[0] if failed else "")
+
+
+def abort_verdict(target, run, proxy):
+    """(passed, seen, fix) of one abort stream: the doctor hung up at the first ping of its silence (so a
+    timeout that cuts a silence cannot pass for an abort passed on), and the app's record says when it knew."""
+    about, ticks = run.about(), run.ticks()
     stream_id, heartbeat = about.get("id"), about.get("heartbeat")
-    if (run.status is None and run.error is None) or (run.status == 200 and not stream_id):
-        return Check("client abort", False, "no event came before the doctor hung up: held back", UNBUFFER)
+    if not stream_id and (run.hung_up_at or not run.refused()):
+        return False, "no event came before the doctor hung up: held back", fix("unbuffer", proxy)
     if run.refused():
-        return Check("client abort", False, run.refused(), "Point the doctor at the chat's URL, with its token.")
+        return False, run.refused(), POINT
     if run.complete():
-        return Check("client abort", False, "the stream arrived whole: no time to hang up in it", UNBUFFER)
-    record = fetch_report(
-        target, stream_id, run.sent_at + TICKS * TICK_SECONDS + (ABORT_HEARTBEATS + 1) * heartbeat + 10
-    )
+        return False, "the stream arrived whole: no time to hang up in it", fix("unbuffer", proxy)
+    if run.hung_up_at is None:
+        cut = run.ended_at - (ticks[-1] if ticks else run.sent_at)
+        seen = f"the path cut the stream {cut:.1f} s into its silence, before the doctor hung up"
+        return False, seen, fix("read_timeout", proxy, idle=f"{cut:.0f}")
+    if not run.pinged_in_silence():
+        return False, "no ping of its silence came within two heartbeats: held back", fix("unbuffer", proxy)
+    until = run.sent_at + TICKS * TICK_SECONDS + (ABORT_HEARTBEATS + 1) * heartbeat + 10
+    record = fetch_report(target, stream_id, until)
     if record is None:
         lost = (
             "no word of how the stream ended: the report went to another app server, or the workers share no directory"
         )
-        return Check("client abort", False, lost, "Run the doctor against one app server, with gunicorn.conf.py.")
+        return False, lost, "Run the doctor against one app server, with gunicorn.conf.py."
     noticed = record["duration"] - (run.hung_up_at - run.sent_at)
     seen = f"the app noticed the hang-up {noticed:.1f} s later (end={record['end']}, heartbeat {heartbeat:g} s)"
     if record["end"] == "client_gone" and noticed <= 1.5 * heartbeat:
-        return Check("client abort", True, seen)
-    return Check("client abort", False, seen + ": not at its next heartbeat", ABORT)
+        return True, seen, ""
+    return False, seen + ": not at its next heartbeat", fix("abort", proxy)
 
 
 def check_tls(target, tls):

@@ -1,17 +1,18 @@
 """The model's side of a stream: one Upstream per worker, which sends the request and reads the reply.
 
     upstream = Upstream(config)                   # its SDK clients, or the demo model; made once per worker
-    stream = upstream.open(model, messages)       # raises an SDK error (see refusal()) or ClientLeft
+    stream = upstream.open(model, messages)       # raises Unsupported, ClientLeft or an SDK error (refusal())
     stream.read(timeout)                          # [(kind, text), ...]: what came within `timeout` seconds
 
-The openai SDK makes the request (auth, base URL, typed errors before the first byte); Upstream.open
-sends it again only when nothing was paid for, and refusal() maps every failure in one table. The
-reply's bytes are then read below the SDK, in small pieces that each do one thing:
+The openai SDK makes the request (auth, base URL, typed errors before the first byte), to the API that
+CHAT_UPSTREAM_API names; Upstream.open sends it again only when nothing was paid for, and refusal()
+maps every failure in one table. The reply's bytes are then read below the SDK, in small pieces that
+each do one thing:
 
     SocketBody or HttpxBody   move the bytes: off the connection's socket (the fast path), or through httpx
     ChunkedDecoder            undoes HTTP/1.1 chunked framing, for the socket path
     LineSplitter              cuts the body into SSE lines, none longer than MAX_LINE_BYTES
-    ChatChunks                a dialect: turns `data:` lines into deltas, a finish reason and usage
+    ChatChunks, ResponsesEvents   the two dialects: `data:` lines into deltas, a finish reason and usage
 
 ModelStream puts them together. It and DemoStream (a ScriptedStream, as operate.py's diagnostic stream
 is) meet the relay's `UpstreamStream` contract, written once in app.py; they add `api`, for the log.
@@ -37,9 +38,10 @@ log = logging.getLogger("chat")
 
 
 class UpstreamError(Exception):
-    """The upstream failed after the stream began: `error_code` goes on the wire, the message to the user.
+    """The upstream failed after the stream began: UpstreamError(sentence, error_code, detail="").
 
-    `detail` is what the upstream said, for the log only.
+    The error event carries both: `error` the sentence, for the user, and `code` the error_code
+    ("upstream_cut"), for programs. `detail` is what the upstream said, for the log only.
     """
 
     def __init__(self, message, error_code, detail=""):
@@ -67,43 +69,46 @@ def uses_demo(config):
 # --- Sending the request: retries that never pay twice, failures in one table ------------------------
 
 
+class Unsupported(ValueError):
+    """A request parameter that the upstream's API does not have: the client gets a 400 naming it."""
+
+
 class Upstream:
     """A worker's way to the model: its SDK clients (or the demo), and what it learned about the server.
 
     `config` holds the app's settings (app.py's DEFAULTS, filled in). Made once per worker, after the
-    fork: the SDK clients hold connection pools.
+    fork: the SDK clients hold connection pools. CHAT_UPSTREAM_API picks the API it speaks.
     """
 
     def __init__(self, config):
         self.config = config
         self.demo = uses_demo(config)
+        self.dialect = ResponsesEvents if config["CHAT_UPSTREAM_API"] == "responses" else ChatChunks
         self.sdk_clients = [] if self.demo else make_openai_clients(config)
         self.turn = 0
         self.stream_usage = config["CHAT_STREAM_USAGE"] != "off"  # auto turns it off when a server refuses it
+        self.reasoning_refused = {}  # model: "summary" or "reasoning", what a 400 refused (Responses)
 
     def open(self, model, messages, params=None, client_left=None):
         """Send the request and wait for the reply's head, so that a refusal can still be an HTTP status.
 
         `params` are a request's sampling parameters (max_tokens is held to CHAT_MAX_OUTPUT_TOKENS);
         `client_left()` tells whether the client has gone, asked every heartbeat while the head is awaited.
+        Raises Unsupported, before anything is sent, for a parameter the API does not have.
         """
         params = dict(params or {})
+        if unsupported := [name for name in params if name in self.dialect.lacks]:
+            raise Unsupported(f"{unsupported[0]} is not available: the model is reached through its Responses API.")
         if self.demo:
             return DemoStream(messages, self.config["CHAT_DEMO_WORD_SECONDS"])
         cap = min(params.pop("max_tokens", math.inf), self.config["CHAT_MAX_OUTPUT_TOKENS"])
-        body = {"model": model, "messages": messages, "stream": True, **params, self.max_tokens_field(): cap}
-        if self.stream_usage:
-            body["stream_options"] = {"include_usage": True}
-        extra = json.loads(self.config["CHAT_EXTRA_BODY"] or "{}") or None
-
-        def create(sdk):
-            # The SDK's lower-level call: the same request, auth, base URL and typed errors as
-            # chat.completions.create(), without its TypedDict transform of the body (~0.5 ms of CPU
-            # per request) and without the response objects it would keep for the whole stream.
-            options = {"extra_json": extra} if extra else {}
-            return sdk.post("/chat/completions", body=body, options=options, cast_to=httpx2.Response, stream=True)
-
-        return self.send(create, body, ChatChunks, client_left)
+        if self.dialect is ResponsesEvents:
+            body = self.responses_body(model, messages, params, cap)
+        else:
+            body = {"model": model, "messages": messages, "stream": True, **params, self.max_tokens_field(): cap}
+            if self.stream_usage:
+                body["stream_options"] = {"include_usage": True}
+        return self.send(body, client_left)
 
     def max_tokens_field(self):
         """OpenAI's reasoning models refuse max_tokens; some compatible servers ignore max_completion_tokens."""
@@ -112,21 +117,57 @@ class Upstream:
             return "max_tokens" if self.config["OPENAI_BASE_URL"] else "max_completion_tokens"
         return field
 
-    def send(self, create, body, dialect, client_left):
-        """Send `create(sdk_client)` until it is answered, and return the reply as a ModelStream of `dialect`.
+    def responses_body(self, model, messages, params, cap):
+        """The Responses API's request: the leading system messages become its instructions, the rest input items.
+
+        `store` is off unless CHAT_RESPONSES_STORE=1 (OpenAI's own default keeps every conversation).
+        """
+        lead = 0
+        while lead < len(messages) - 1 and messages[lead]["role"] in ("system", "developer"):
+            lead += 1
+        effort = params.pop("reasoning_effort", None)
+        body = {
+            "model": model,
+            "input": [input_item(message) for message in messages[lead:]],
+            "stream": True,
+            "store": self.config["CHAT_RESPONSES_STORE"] == "1",
+            "max_output_tokens": cap,
+            **params,  # temperature and top_p, which both APIs have
+        }
+        if lead:
+            body["instructions"] = "\n\n".join(text_of(message["content"]) for message in messages[:lead])
+        reasoning = {"effort": effort} if effort else {}
+        if self.config["CHAT_REASONING_SUMMARY"] != "off":
+            reasoning["summary"] = self.config["CHAT_REASONING_SUMMARY"]
+        refused = self.reasoning_refused.get(model)
+        if refused == "summary":
+            reasoning.pop("summary", None)
+        if reasoning and refused != "reasoning":
+            body["reasoning"] = reasoning
+        return body
+
+    def send(self, body, client_left):
+        """Send `body` until it is answered, and return the reply as a ModelStream of this upstream's dialect.
 
         A refused request is sent again up to CHAT_UPSTREAM_RETRIES times, only when nothing was paid for
         and the wait it asks for is short: never after a timeout (the SDK's own retries are off, as it
         retries those too). A 400 refusing a field we can do without is sent again without it, at once.
         """
+        extra = json.loads(self.config["CHAT_EXTRA_BODY"] or "{}") or None
         retries = self.config["CHAT_UPSTREAM_RETRIES"]
         while True:
             try:
                 with watching(client_left, self.config["CHAT_HEARTBEAT_SECONDS"]):
-                    response = create(self.next_sdk_client())  # a 4xx/5xx raises its typed error here
-                return ModelStream.of(response, dialect())
+                    # The SDK's lower-level call: the same request, auth, base URL and typed errors as the
+                    # resource's create(), without its TypedDict transform of the body (~0.5 ms of CPU per
+                    # request) and without the response objects it would keep for the whole stream.
+                    sdk, options = self.next_sdk_client(), {"extra_json": extra} if extra else {}
+                    response = sdk.post(
+                        self.dialect.path, body=body, options=options, cast_to=httpx2.Response, stream=True
+                    )
+                return ModelStream.of(response, self.dialect())  # a 4xx/5xx raised its typed error above
             except openai.APIStatusError as exc:
-                if self.drop_refused(exc, body):
+                if exc.status_code == 400 and self.drop_refused(exc.body, body):
                     continue
                 wait = retry_after(exc.response.headers) or 0.5
                 if retries <= 0 or exc.status_code not in RETRIED or wait > self.config["CHAT_RETRY_MAX_WAIT"]:
@@ -139,13 +180,27 @@ class Upstream:
             log.info("upstream refused; sending again in %.1fs", wait)
             time.sleep(wait)
 
-    def drop_refused(self, exc, body):
-        """Drop from `body` a field the 400 `exc` refuses and we can do without; tell whether one was."""
-        refused = exc.status_code == 400 and self.config["CHAT_STREAM_USAGE"] == "auto"
-        if refused and "stream_options" in body and "stream_options" in str(exc.body):
+    def drop_refused(self, error, body):
+        """Drop from `body` what a 400's `error` refuses and we can do without; tell whether there was any.
+
+        stream_options: older Azure versions and old Ollama (with CHAT_STREAM_USAGE=auto). reasoning, or
+        its summary: a model that does not reason, or an organization OpenAI has not verified. Both are
+        remembered: stream_options for the worker, reasoning per model.
+        """
+        said = str(error)
+        if "stream_options" in body and "stream_options" in said and self.config["CHAT_STREAM_USAGE"] == "auto":
             log.warning("upstream refuses stream_options: no longer asked for usage (CHAT_STREAM_USAGE)")
-            self.stream_usage = False  # older Azure versions, old Ollama
+            self.stream_usage = False
             del body["stream_options"]
+            return True
+        if "reasoning" in body and "reasoning" in said:
+            param = error.get("param") if isinstance(error, dict) else None
+            refused = "summary" if param == "reasoning.summary" else "reasoning"
+            log.warning("upstream refuses %s for %s, no longer asked for it: %s", param, body["model"], said[:300])
+            self.reasoning_refused[body["model"]] = refused
+            body["reasoning"].pop(refused, None)
+            if refused == "reasoning" or not body["reasoning"]:
+                del body["reasoning"]
             return True
         return False
 
@@ -157,7 +212,22 @@ class Upstream:
     def warm_up(self):
         """Let the SDK import the parts it loads on first use: the first request would wait ~50 ms for them."""
         for sdk in self.sdk_clients[:1]:
-            sdk.chat.completions.with_streaming_response  # noqa: B018 (the access is the point)
+            self.dialect.endpoint(sdk)
+
+
+def input_item(message):
+    """A chat message as a Responses input item: text parts become input_text, image parts input_image."""
+    role, content = message["role"], message["content"]
+    if isinstance(content, str) or role != "user":  # an assistant's parts would have to be output_text
+        return {"role": role, "content": text_of(content)}
+    parts = []
+    for part in content:
+        if part["type"] == "text":
+            parts.append({"type": "input_text", "text": part["text"]})
+        else:
+            image = part["image_url"]
+            parts.append({"type": "input_image", "image_url": image["url"], "detail": image.get("detail", "auto")})
+    return {"role": role, "content": parts}
 
 
 RETRIED = {429, 500, 502, 503}  # statuses for which nothing was generated; 408 and 504 are timeouts
@@ -470,13 +540,19 @@ class ChatChunks:
 
     A dialect offers parse(lines, deltas), adding the (kind, text) deltas of SSE lines to `deltas` and
     raising UpstreamError for an error in the stream; `done` once its last word came; `finish_reason`
-    and `usage`; and `api`, its name for the log. Anything of the wrong type is ignored.
+    and `usage` (in chat.completions' words); `api`, its name for the log; `lacks`, the request
+    parameters its API does not have; `path`, where the request is posted (below the base URL); and
+    endpoint(sdk_client), the SDK's resource for it (warm_up loads it). Anything of the wrong type is ignored.
     """
 
-    api = "chat"
+    api, lacks, path = "chat", (), "/chat/completions"
 
     def __init__(self):
         self.done, self.finish_reason, self.usage = False, None, None
+
+    @staticmethod
+    def endpoint(sdk):
+        return sdk.chat.completions.with_streaming_response
 
     def parse(self, lines, deltas):
         for line in lines:
@@ -509,6 +585,98 @@ class ChatChunks:
             content = delta.get("content")
             if content and isinstance(content, str):
                 deltas.append(("content", content))
+
+
+class ResponsesEvents:
+    """The Responses API's dialect: `event:` and `data:` lines, each data line a typed event (its `type`).
+
+    The events are openai-python's types (openai.types.responses): text, refusal and reasoning deltas;
+    the end as response.completed or response.incomplete, after which OpenAI sends no [DONE] (some
+    gateways append one: it ends the reply too); failures as response.failed or error. The rest is
+    skipped, except output items other than a message or reasoning: the service asks for no tools, so
+    one means output we would drop silently.
+    """
+
+    api, lacks, path = "responses", ("stop", "seed", "presence_penalty", "frequency_penalty"), "/responses"
+    KINDS = {
+        "response.output_text.delta": "content",
+        "response.refusal.delta": "content",  # the user sees why the model will not answer
+        "response.reasoning_summary_text.delta": "reasoning",
+        "response.reasoning_text.delta": "reasoning",  # vLLM and others: the thinking itself
+    }
+    FINISH_REASONS = {"max_output_tokens": "length", "content_filter": "content_filter"}
+
+    def __init__(self):
+        self.done, self.finish_reason, self.usage = False, None, None
+        self.part = None  # the reasoning part the last reasoning delta belonged to
+
+    @staticmethod
+    def endpoint(sdk):
+        return sdk.responses.with_streaming_response
+
+    def parse(self, lines, deltas):
+        for line in lines:
+            if line.startswith(b"data:"):  # the `event:` line repeats the data's type
+                event = json_payload(line)
+                if event == "[DONE]":
+                    self.done = True
+                elif isinstance(event, dict):
+                    self.add(event, deltas)
+
+    def add(self, event, deltas):
+        if not isinstance(event.get("type"), str):
+            return
+        kind, delta = self.KINDS.get(event["type"]), event.get("delta")
+        if kind == "reasoning" and isinstance(delta, str):
+            part = (event.get("item_id"), event.get("summary_index"), event.get("content_index"))
+            if self.part is not None and part != self.part:
+                delta = "\n\n" + delta  # a new summary part: a paragraph of its own
+            self.part = part
+        if kind and delta and isinstance(delta, str):
+            deltas.append((kind, delta))
+        elif kind is None:
+            self.end(event)
+
+    def end(self, event):
+        """The events that end the reply, or that it cannot go on after."""
+        kind, response = event.get("type"), event.get("response")
+        response = response if isinstance(response, dict) else {}
+        if kind in ("response.output_item.added", "response.output_item.done"):
+            item = event.get("item") if isinstance(event.get("item"), dict) else {}
+            if item.get("type") not in ("message", "reasoning"):
+                detail = f"output item {str(item.get('type'))[:100]}"
+                raise UpstreamError(
+                    "The model answered with something this service cannot show.", "unsupported_output", detail
+                )
+        elif kind == "response.completed":
+            self.done, self.finish_reason, self.usage = True, "stop", chat_usage(response.get("usage"))
+        elif kind == "response.incomplete":
+            details = response.get("incomplete_details")
+            reason = details.get("reason") if isinstance(details, dict) else None
+            self.done, self.usage = True, chat_usage(response.get("usage"))
+            self.finish_reason = self.FINISH_REASONS.get(reason, "other")
+            if self.finish_reason == "other":
+                log.info("upstream reply incomplete: %s", str(reason)[:100])
+        elif kind in ("response.failed", "error"):
+            error = response.get("error") if kind == "response.failed" else event.get("error", event)
+            error = error if isinstance(error, dict) else {}
+            detail = f"{str(error.get('code'))[:100]}: {str(error.get('message'))[:300]}"
+            raise UpstreamError("The model stopped with an error.", "upstream_error", detail)
+
+
+def chat_usage(usage):
+    """The Responses API's usage in chat.completions' words, which the relay and its clients know."""
+    if not isinstance(usage, dict):
+        return None
+    mapped = {
+        "prompt_tokens": usage.get("input_tokens"),
+        "completion_tokens": usage.get("output_tokens"),
+        "total_tokens": usage.get("total_tokens"),
+    }
+    details = usage.get("output_tokens_details")
+    if isinstance(details, dict) and isinstance(details.get("reasoning_tokens"), int):
+        mapped["completion_tokens_details"] = {"reasoning_tokens": details["reasoning_tokens"]}
+    return mapped
 
 
 # --- The connection below the SDK: the response's head for httpx, its body left on the socket -------

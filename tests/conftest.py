@@ -2,6 +2,7 @@
 live_servers.py (gunicorn), nginx_server.py, redis_server.py and browser.py; chat_client.py is the streaming client."""
 
 import shutil
+import subprocess
 
 import pytest
 
@@ -65,6 +66,20 @@ def start_redis(tmp_path_factory):
     """`start(name)` starts a redis-server of the test's own (see `Redises.start`); it has `redis_url`."""
     with Redises(tmp_path_factory) as redises:
         yield redises.start
+
+
+@pytest.fixture(scope="session")
+def certificate(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1, made with openssl: (certificate, key)."""
+    if shutil.which("openssl") is None:
+        unavailable("openssl is not installed (apt-get install openssl; .ci/run does)")
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    command = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    command += ["-keyout", key, "-out", cert, "-days", "30", "-subj", "/CN=127.0.0.1"]
+    command += ["-addext", "subjectAltName=IP:127.0.0.1"]
+    subprocess.run(command, check=True, capture_output=True, timeout=30)
+    return cert, key
 
 
 @pytest.fixture(scope="session")

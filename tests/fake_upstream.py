@@ -43,6 +43,16 @@ class Script:
     odd_events: list = field(default_factory=list)  # JSON values sent as data lines before the tokens, as they are
     raw_events: list = field(default_factory=list)  # bytes sent in a chunk each before the tokens, as they are
     raw_framing: bytes = b""  # after the first token: these bytes, outside any chunk, then silence until hung up
+    # The Responses API (POST /v1/responses) only:
+    summary_parts: list = field(default_factory=list)  # reasoning summary parts, each a list of deltas
+    reasoning_text: list = field(default_factory=list)  # reasoning_text deltas (vLLM's thinking itself)
+    ending: str = "completed"  # or "incomplete", "failed", "error" (an error event after the first token)
+    incomplete_reason: str = "max_output_tokens"
+    refusal: list = field(default_factory=list)  # refusal deltas, sent instead of the tokens
+    tool_call: bool = False  # a function_call output item, which a service that asks for no tools never expects
+    gateway_done: bool = False  # a [DONE] after response.completed, as some gateways add
+    reject_reasoning: str = ""  # "summary": a 400 for reasoning.summary (an unverified organization); "effort"
+    byte_by_byte: bool = False  # every byte of the event stream in an HTTP chunk of its own
 
 
 @dataclass
@@ -59,8 +69,8 @@ class Received:
     sent: list = field(default_factory=list)  # monotonic time each token was written
 
 
-class ClientGone(Exception):
-    pass
+class ClientLeft(Exception):
+    """The service hung up on the fake upstream (as upstream.ClientLeft is the browser hanging up on the service)."""
 
 
 class FakeUpstreamHandler(BaseHTTPRequestHandler):
@@ -82,17 +92,23 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
                 self.send_json_error(Script(status=400, error_message=message))
             elif script.status != 200:
                 self.send_json_error(script)
+            elif self.path.endswith("/responses"):
+                if refused := refused_reasoning(script, body):
+                    self.send_json_error(Script(status=400, error_message=refused[0]), refused[1])
+                else:
+                    self.send_responses_stream(script, received)
             else:
                 self.send_stream(script, received)
-        except ClientGone:
+        except ClientLeft:
             received.hung_up_at = time.monotonic()
             received.hung_up.set()
             self.close_connection = True
         finally:
             received.finished.set()
 
-    def send_json_error(self, script):
-        payload = json.dumps({"error": {"message": script.error_message, "type": "x", "code": None}}).encode()
+    def send_json_error(self, script, fields=None):
+        error = {"message": script.error_message, "type": "x", "code": None, **(fields or {})}
+        payload = json.dumps({"error": error}).encode()
         self.send_response(script.status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
@@ -152,15 +168,34 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
         self.wait(script.hold_open)
         self.end_chunks()
 
+    def send_responses_stream(self, script, received):
+        """The Responses API's stream: `event:` and `data:` lines, as openai.types.responses defines them."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.body = None
+        self.wait(script.hold)
+        for event in responses_events(script, received.body):
+            if event["type"].endswith(".delta"):
+                self.wait(script.delay)
+                received.sent.append(time.monotonic())
+            data = b"event: %s\ndata: %s\n\n" % (event["type"].encode(), json.dumps(event).encode())
+            for piece in [data[i : i + 1] for i in range(len(data))] if script.byte_by_byte else [data]:
+                self.send_chunk(piece)
+        if script.gateway_done:
+            self.send_chunk(b"data: [DONE]\n\n")
+        self.end_chunks()
+
     def wait(self, seconds):
         """Sleep, but notice at once if the client closes the connection meanwhile."""
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
             readable, _, _ = select.select([self.connection], [], [], left)
             if readable and self.client_closed():
-                raise ClientGone
+                raise ClientLeft
         if self.client_closed():
-            raise ClientGone
+            raise ClientLeft
 
     def client_closed(self):
         """True when the client sent FIN (EOF) or RST (a close with unread data in its buffer)."""
@@ -181,7 +216,7 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
             self.wfile.flush()
         except OSError:
-            raise ClientGone from None
+            raise ClientLeft from None
 
     def end_chunks(self):
         if self.body is not None:
@@ -193,7 +228,118 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
         except OSError:
-            raise ClientGone from None
+            raise ClientLeft from None
+
+
+def refused_reasoning(script, body):
+    """The 400 (message, fields) OpenAI gives for a reasoning object it will not take, or None."""
+    reasoning = body.get("reasoning") or {}
+    if script.reject_reasoning == "summary" and "summary" in reasoning:
+        message = "Your organization must be verified to generate reasoning summaries."
+        return message, {"type": "invalid_request_error", "param": "reasoning.summary", "code": "unsupported_value"}
+    if script.reject_reasoning == "effort" and reasoning:
+        message = "Unsupported parameter: 'reasoning.effort' is not supported with this model."
+        return message, {"type": "invalid_request_error", "param": "reasoning.effort", "code": "unsupported_parameter"}
+    return None
+
+
+def responses_events(script, body):
+    """Yield the events of one Responses stream for `script`, each a dict of an openai.types.responses type.
+
+    tests/test_reading.py checks every one against the SDK's own types (ResponseStreamEvent).
+    """
+    numbers = iter(range(1_000_000))
+    response = {
+        "id": "resp_fake",
+        "object": "response",
+        "created_at": 1_760_000_000,
+        "model": body.get("model", "x"),
+        "status": "in_progress",
+        "output": [],
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "error": None,
+        "incomplete_details": None,
+        "instructions": body.get("instructions"),
+        "metadata": {},
+        "usage": None,
+    }
+
+    def event(kind, **fields):
+        return {"type": kind, "sequence_number": next(numbers), **fields}
+
+    yield event("response.created", response=response)
+    yield event("response.in_progress", response=response)
+    output = []
+    if script.summary_parts or script.reasoning_text:
+        item = {"id": "rs_1", "type": "reasoning", "summary": [], "status": "in_progress"}
+        yield event("response.output_item.added", output_index=0, item=item)
+        for index, part in enumerate(script.summary_parts):
+            where = {"item_id": "rs_1", "output_index": 0, "summary_index": index}
+            yield event("response.reasoning_summary_part.added", **where, part={"type": "summary_text", "text": ""})
+            for delta in part:
+                yield event("response.reasoning_summary_text.delta", **where, delta=delta)
+            text = "".join(part)
+            yield event("response.reasoning_summary_text.done", **where, text=text)
+            yield event("response.reasoning_summary_part.done", **where, part={"type": "summary_text", "text": text})
+            item["summary"].append({"type": "summary_text", "text": text})
+        for delta in script.reasoning_text:
+            yield event("response.reasoning_text.delta", item_id="rs_1", output_index=0, content_index=0, delta=delta)
+        item = {**item, "status": "completed"}
+        yield event("response.output_item.done", output_index=0, item=item)
+        output.append(item)
+    index = len(output)
+    if script.tool_call:
+        call = {"id": "fc_1", "type": "function_call", "call_id": "call_1", "name": "f", "arguments": ""}
+        yield event("response.output_item.added", output_index=index, item=call)
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "status": "in_progress", "content": []}
+    yield event("response.output_item.added", output_index=index, item=message)
+    where = {"item_id": "msg_1", "output_index": index, "content_index": 0}
+    if script.refusal:
+        yield event("response.content_part.added", **where, part={"type": "refusal", "refusal": ""})
+        for delta in script.refusal:
+            yield event("response.refusal.delta", **where, delta=delta)
+        yield event("response.refusal.done", **where, refusal="".join(script.refusal))
+        part = {"type": "refusal", "refusal": "".join(script.refusal)}
+        yield event("response.content_part.done", **where, part=part)
+        message = {**message, "status": "completed", "content": [part]}
+        yield event("response.output_item.done", output_index=index, item=message)
+        yield event("response.completed", response={**response, "status": "completed", "output": [*output, message]})
+        return
+    yield event("response.content_part.added", **where, part={"type": "output_text", "text": "", "annotations": []})
+    tokens = script.tokens
+    if tokens is None:  # echo the last message word by word
+        tokens = [word + " " for word in str(body["input"][-1]["content"]).split()]
+    for i, token in enumerate(tokens):
+        if i == 1 and script.ending == "error":
+            yield event("error", code="server_error", message="internal upstream detail", param=None)
+            return
+        yield event("response.output_text.delta", **where, delta=token, logprobs=[])
+    text = "".join(tokens)
+    part = {"type": "output_text", "text": text, "annotations": []}
+    yield event("response.output_text.done", **where, text=text, logprobs=[])
+    yield event("response.content_part.done", **where, part=part)
+    message = {**message, "status": "completed", "content": [part]}
+    yield event("response.output_item.done", output_index=index, item=message)
+    usage = {
+        "input_tokens": 9,
+        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "output_tokens": 5,
+        "output_tokens_details": {"reasoning_tokens": 3},
+        "total_tokens": 14,
+    }
+    final = {**response, "output": [*output, message], "usage": usage}
+    if script.ending == "incomplete":
+        final = {**final, "status": "incomplete", "incomplete_details": {"reason": script.incomplete_reason}}
+        yield event("response.incomplete", response=final)
+    elif script.ending == "failed":
+        error = {"code": "server_error", "message": "internal upstream detail"}
+        yield event("response.failed", response={**final, "status": "failed", "error": error, "usage": None})
+    else:
+        yield event("response.completed", response={**final, "status": "completed"})
 
 
 class FakeUpstream(ThreadingHTTPServer):

@@ -9,7 +9,6 @@ import http.client
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from chat_client import open_chat, post_chat
-from live_servers import ROOT, Gunicorns, free_port, server_environment, unavailable, wait_for
+from live_servers import ROOT, Gunicorns, free_port, server_environment, wait_for
 from nginx_server import with_directive
 
 HI = {"messages": [{"role": "user", "content": "Hi"}]}
@@ -47,7 +46,7 @@ class Diagnosis:
     def __init__(self, result):
         self.returncode, self.output = result.returncode, result.stdout + result.stderr
         self.checks = {}
-        for match in re.finditer(r"^(PASS|FAIL)  (.{16}) (.*(?:\n {23}Fix: .*)?)", result.stdout, re.M):
+        for match in re.finditer(r"^(PASS|FAIL)  (.{16}) (.*(?:\n {23}.*)*)", result.stdout, re.M):
             self.checks[match.group(2).strip()] = (match.group(1), match.group(3))
 
     def verdicts(self):
@@ -65,6 +64,7 @@ def doctor(url, *options, token=TOKEN):
     diagnosis = Diagnosis(result)
     print(diagnosis.output)
     assert list(diagnosis.checks) == CHECKS, diagnosis.output
+    assert "Traceback" not in diagnosis.output
     return diagnosis
 
 
@@ -89,20 +89,6 @@ def doctor_gunicorn(gunicorns):
 def slow_heartbeat_gunicorn(gunicorns):
     """Heartbeats every 2.5 s: longer than the 2 s read timeout of the broken nginx below."""
     return gunicorns.start(with_heartbeat(2.5), name="gunicorn-slow-heartbeat")
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory):
-    """A self-signed certificate for 127.0.0.1, made with openssl: (certificate, key)."""
-    if shutil.which("openssl") is None:
-        unavailable("openssl is not installed (apt-get install openssl; .ci/run does)")
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    command = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
-    command += ["-keyout", key, "-out", cert, "-days", "30", "-subj", "/CN=127.0.0.1"]
-    command += ["-addext", "subjectAltName=IP:127.0.0.1"]
-    subprocess.run(command, check=True, capture_output=True, timeout=30)
-    return cert, key
 
 
 def with_tls(port, cert, key):
@@ -191,6 +177,8 @@ def test_doctor_finds_buffering_and_gzip(doctor_gunicorn, start_nginx):
     assert diagnosis.verdicts()["not compressed"] == "FAIL"
     assert "Content-Encoding: gzip" in diagnosis.checks["not compressed"][1]
     assert diagnosis.verdicts()["SSE headers"] == "PASS"
+    assert "held back" in diagnosis.checks["client abort"][1]
+    assert "proxy_buffering off" in diagnosis.checks["client abort"][1]
     assert diagnosis.returncode == 1
 
 
@@ -304,7 +292,7 @@ def test_diagnostic_streams_are_bounded_per_worker(one_worker):
 
 
 def test_diagnostic_stream_follows_its_script_and_ends(one_worker, upstream):
-    """Content events whose text is a line of JSON: what follows, 10 ticks, the silence with the relay's
+    """Content events whose text is a line of JSON: what follows, 20 ticks, the silence with the relay's
     pings in it, one last event, the native end. No model is called."""
     connection, response = post(one_worker, "/api/chat?diagnostic=stream&silence=1.5")
     body = response.read().decode()
@@ -315,8 +303,8 @@ def test_diagnostic_stream_follows_its_script_and_ends(one_worker, upstream):
     lines = [line for line in body.split("\n") if line]
     script = [json.loads(json.loads(line[6:])["content"]) for line in lines[1:-2] if line.startswith("data: ")]
     assert script[0]["heartbeat"] == 1 and script[0]["silence"] == 1.5 and script[0]["id"]
-    assert script[1:] == [{"tick": i} for i in range(1, 11)] + [{"after_silence": 1.5}]
-    silence = lines[lines.index('data: {"content": "{\\"tick\\": 10}\\n"}') + 1 : -3]
+    assert script[1:] == [{"tick": i} for i in range(1, 21)] + [{"after_silence": 1.5}]
+    silence = lines[lines.index('data: {"content": "{\\"tick\\": 20}\\n"}') + 1 : -3]
     assert silence == [": ping"]  # the relay's heartbeat (1 s) in the 1.5 s silence
     assert lines[-2:] == ['data: {"content": "", "finish_reason": "stop", "usage": null}', "data: [DONE]"]
     assert upstream.received == []
@@ -392,8 +380,8 @@ def test_metrics_add_up_across_two_workers(metrics_gunicorn, upstream):
 
     done = sent + 4
     added = {
-        ("chat_streams_ended_total", (("code", "stop"), ("outcome", "done"))): done,
-        ("chat_streams_ended_total", (("code", "upstream_cut"), ("outcome", "error"))): 1,
+        ("chat_streams_ended_total", (("api", "chat"), ("code", "stop"), ("outcome", "done"))): done,
+        ("chat_streams_ended_total", (("api", "chat"), ("code", "upstream_cut"), ("outcome", "error"))): 1,
         ("chat_time_to_first_content_seconds_count", ()): done + 1,
         ("chat_time_to_first_reasoning_seconds_count", ()): 4,
         ("chat_stream_duration_seconds_count", ()): done + 1,
@@ -495,7 +483,7 @@ def test_with_metrics_off_prometheus_client_is_never_imported(setting, status, i
     first, _, rest = result.stdout.partition("\n")
     assert first == f"{status} {imported}"
     if imported:
-        assert 'chat_streams_ended_total{code="stop",outcome="done"} 1.0' in rest
+        assert 'chat_streams_ended_total{api="demo",code="stop",outcome="done"} 1.0' in rest  # the demo model
         assert 'chat_request_errors_total{code="invalid_request",status="400"} 1.0' in rest
 
 

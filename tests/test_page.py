@@ -921,9 +921,16 @@ def test_the_page_works_under_a_url_prefix(host_app, page, upstream):
     assert upstream.received[0].path == "/v1/chat/completions"
 
 
-def test_a_reload_under_a_url_prefix_resumes_the_reply(host_app, page, upstream):
-    """Resuming and its cookie (Path=/assistant/api) go through the page's relative URLs too."""
+def test_a_reload_under_a_url_prefix_resumes_the_reply_and_stop_stops_it(host_app, page, upstream):
+    """Resuming, stopping and their cookie (Path=/assistant/api) go through the page's relative URLs too."""
     reload_mid_reply(page, upstream, host_app.url + "/assistant/")
+    upstream.reset(tokens=COUNTING, delay=0.05)
+    say(page, "Again")
+    expect(reply_text(page)).to_contain_text("w02")
+    with page.expect_request("**/assistant/api/chat/*/stop"):
+        page.get_by_role("button", name="Stop").click()
+    expect(reply_note(page)).to_have_text("Stopped.")
+    assert upstream.received[0].hung_up.wait(5), "the stop did not reach the mounted blueprint"
 
 
 # --- Content-Security-Policy ---------------------------------------------------------------------

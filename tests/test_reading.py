@@ -9,12 +9,24 @@ import signal
 import socket
 import time
 from contextlib import contextmanager
+from typing import get_args
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from openai.types.responses import ResponseStreamEvent
 
-from upstream import MAX_LINE_BYTES, ChatChunks, ChunkedDecoder, LineSplitter, ModelStream, SocketBody, UpstreamError
+from fake_upstream import Script, responses_events
+from upstream import (
+    MAX_LINE_BYTES,
+    ChatChunks,
+    ChunkedDecoder,
+    LineSplitter,
+    ModelStream,
+    ResponsesEvents,
+    SocketBody,
+    UpstreamError,
+)
 
 
 def chunked(*pieces):
@@ -205,10 +217,10 @@ def at_most(seconds):
         signal.signal(signal.SIGALRM, previous)
 
 
-def read_through(pieces):
+def read_through(pieces, dialect=ChatChunks):
     """Send `pieces` over a socket pair, a read after each, then hang up; return (deltas, ending, slowest read)."""
     ours, theirs = socket.socketpair()
-    stream = ModelStream(SocketBody(ours), ChatChunks())
+    stream = ModelStream(SocketBody(ours), dialect())
     deltas, slowest = [], 0.0
     try:
         for piece in [*filter(None, pieces), None, None, None]:  # None: the upstream has hung up
@@ -261,3 +273,132 @@ def test_whatever_follows_the_head_the_reader_ends_and_never_hangs(start, pieces
     _, ending, slowest = read_through([start, *pieces])
     assert ending in {"finished", "upstream_malformed", "upstream_cut", "upstream_incomplete", "upstream_error"}
     assert slowest < 0.5  # a read waits 0.05 s at most for bytes; the rest is parsing a few hundred bytes
+
+
+# --- The Responses dialect, fed the fake upstream's events (checked against the SDK's own types) -----
+
+# The SDK's event classes by their `type`: validating against the one class says exactly what is wrong.
+EVENT_TYPES = {
+    get_args(kind.model_fields["type"].annotation)[0]: kind for kind in get_args(get_args(ResponseStreamEvent)[0])
+}
+REQUEST = {"model": "gpt-test", "input": [{"role": "user", "content": "Hi there"}]}
+SCRIPTS = {
+    "summaries": Script(summary_parts=[["Think", "ing."], ["Then ", "more."]], tokens=["Hel", "lo"]),
+    "reasoning-text": Script(reasoning_text=["step ", "one"], tokens=["ok"]),
+    "incomplete": Script(ending="incomplete", incomplete_reason="content_filter"),
+    "failed": Script(ending="failed"),
+    "error": Script(ending="error"),
+    "tool-call": Script(tool_call=True),
+    "refusal": Script(refusal=["No."]),
+}
+
+
+def responses_wire(script):
+    """The bytes of the fake upstream's Responses stream for `script`, chunked, as they reach the reader."""
+    events = [
+        b"event: %s\ndata: %s\n\n" % (e["type"].encode(), json.dumps(e).encode())
+        for e in responses_events(script, REQUEST)
+    ]
+    return chunked(*events)
+
+
+@pytest.mark.parametrize("script", SCRIPTS.values(), ids=SCRIPTS.keys())
+def test_the_fake_upstream_speaks_the_sdk_types(script):
+    """Published examples leave out fields the types require (created_at, tools, logprobs): ours may not."""
+    events = list(responses_events(script, REQUEST))
+    for event in events:
+        EVENT_TYPES[event["type"]].model_validate(event)
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+
+
+def test_a_responses_stream_split_at_every_byte_reads_whole():
+    wire = responses_wire(SCRIPTS["summaries"])
+    for cut in range(len(wire) + 1):
+        deltas, ending, _ = read_through([wire[:cut], wire[cut:]], ResponsesEvents)
+        assert ending == "finished", cut
+        assert deltas == [
+            ("reasoning", "Think"),
+            ("reasoning", "ing."),
+            ("reasoning", "\n\nThen "),  # a new summary part: a paragraph of its own
+            ("reasoning", "more."),
+            ("content", "Hel"),
+            ("content", "lo"),
+        ]
+
+
+def test_responses_usage_and_finish_in_chat_words():
+    dialect = ResponsesEvents()
+    stream = ModelStream(ListBody(responses_wire(SCRIPTS["reasoning-text"])), dialect)
+    assert stream.read(0) == [("reasoning", "step "), ("reasoning", "one"), ("content", "ok")]
+    assert stream.finished and dialect.finish_reason == "stop"
+    assert dialect.usage == {
+        "prompt_tokens": 9,
+        "completion_tokens": 5,
+        "total_tokens": 14,
+        "completion_tokens_details": {"reasoning_tokens": 3},
+    }
+
+
+class ListBody:
+    """A body that gives all its bytes at the first read, de-chunked: for the dialect alone."""
+
+    name = "list"
+
+    def __init__(self, wire):
+        self.data, self.ended = ChunkedDecoder().feed(wire), False
+
+    def read(self, timeout):
+        data, self.data, self.ended = self.data, b"", True
+        return data
+
+
+@pytest.mark.parametrize(
+    "reason, finish_reason",
+    [("max_output_tokens", "length"), ("content_filter", "content_filter"), ("steered", "other"), (None, "other")],
+)
+def test_an_incomplete_response_ends_with_its_reason(reason, finish_reason):
+    stream = ModelStream(
+        ListBody(responses_wire(Script(ending="incomplete", incomplete_reason=reason))), ResponsesEvents()
+    )
+    assert "".join(text for _, text in stream.read(0)) == "tok0 tok1 tok2 tok3 tok4 "
+    assert stream.finished and stream.finish_reason == finish_reason
+
+
+@pytest.mark.parametrize(
+    "script, code", [("failed", "upstream_error"), ("error", "upstream_error"), ("tool-call", "unsupported_output")]
+)
+def test_a_failed_response_is_an_error_of_ours(script, code):
+    stream = ModelStream(ListBody(responses_wire(SCRIPTS[script])), ResponsesEvents())
+    with pytest.raises(UpstreamError) as raised:
+        while not stream.finished:
+            stream.read(0)
+    assert raised.value.error_code == code
+    assert str(raised.value) in (
+        "The model stopped with an error.",
+        "The model answered with something this service cannot show.",
+    )
+
+
+@pytest.mark.parametrize("tail", [b"data: [DONE]\n\n", b""], ids=["gateway-done", "openai"])
+def test_done_or_not_the_reply_ends(tail):
+    wire = responses_wire(SCRIPTS["summaries"])[:-5] + chunked(tail)
+    deltas, ending, _ = read_through([wire], ResponsesEvents)
+    assert ending == "finished"
+
+
+ODD_RESPONSES_EVENTS = [
+    [1],
+    {"type": ["response.output_text.delta"], "delta": "x"},
+    {"type": "response.output_text.delta", "delta": 5},
+    {"type": "response.reasoning_summary_text.delta", "delta": None, "summary_index": []},
+    {"type": "response.output_item.added", "item": {"type": "message"}},
+    {"type": "response.output_item.added", "item": {"type": "reasoning"}},
+    {"type": "response.completed", "response": "done", "usage": 1},
+]
+
+
+def test_responses_events_of_odd_shapes_are_skipped():
+    lines = [b"data: " + json.dumps(event).encode() for event in ODD_RESPONSES_EVENTS]
+    dialect = ResponsesEvents()
+    assert parse(dialect, [b"event: x", *lines]) == []
+    assert dialect.done and dialect.finish_reason == "stop" and dialect.usage is None

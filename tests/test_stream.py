@@ -18,7 +18,7 @@ def test_exact_bytes_on_the_wire(gunicorn, upstream):
 
     assert reply.status == 200
     assert reply.headers["Content-Type"] == "text/event-stream"
-    assert reply.headers["Cache-Control"] == "no-cache"
+    assert reply.headers["Cache-Control"] == "no-cache, no-transform"
     assert reply.headers["X-Accel-Buffering"] == "no"
     events = [
         b'data: {"content": "Hel"}\n\n',

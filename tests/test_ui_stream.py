@@ -35,7 +35,7 @@ def test_exact_bytes_on_the_wire(gunicorn, upstream):
     assert reply.status == 200
     assert reply.headers["Content-Type"] == "text/event-stream"
     assert reply.headers["x-vercel-ai-ui-message-stream"] == "v1"
-    assert reply.headers["Cache-Control"] == "no-cache"
+    assert reply.headers["Cache-Control"] == "no-cache, no-transform"
     assert reply.headers["X-Accel-Buffering"] == "no"
     ids = (b"id: ", b"retry: ")  # every event has an id, for resuming (tests/test_resume.py); set aside here
     assert b"".join(line for line in reply.raw.splitlines(keepends=True) if not line.startswith(ids)) == (
