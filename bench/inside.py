@@ -108,6 +108,7 @@ def memory(opts):
     env |= {"GUNICORN_WORKER_CONNECTIONS": str(opts.streams + 100), "CHAT_MAX_STREAMS": str(opts.streams + 50)}
     env["GUNICORN_TIMEOUT"] = "900"  # a snapshot blocks the worker for seconds: no heartbeat meanwhile
     env["CHAT_HEARTBEAT_SECONDS"] = "2"  # so that the warm round's streams, closed by the client, are gone soon
+    env["CHAT_RESUME_SECONDS"] = "0"  # and their generations with them, not kept for a reader to come back
     command = [str(APP_PY), "-m", "gunicorn", "-c", str(BENCH / "inside_conf.py"), "app:create_app()", "-w", "1"]
     proc = Proc("inside-memory", command + ["-b", f"127.0.0.1:{port}"], env=env, core=SUBJECT_CORE)
     looks = {}
