@@ -173,7 +173,8 @@ def check_settings(config):
     """Raise SettingError, naming the setting, for a value out of range or of the wrong type."""
     for key, (check, must_be) in SETTING_RULES.items():
         if not check(config[key]):
-            shown = "" if key.endswith(("_KEY", "_TOKEN")) else f", not {config[key]!r}"
+            secret = key.endswith(("_KEY", "_TOKEN", "_URL"))  # a URL may hold a password (redis://:pw@host)
+            shown = "" if secret else f", not {config[key]!r}"
             raise SettingError(f"{key} must be {must_be}{shown}.")
     if config["CHAT_MODEL"] not in allowed_models(config):
         raise SettingError(f"CHAT_MODEL={config['CHAT_MODEL']!r} must be one of CHAT_MODELS ({config['CHAT_MODELS']}).")
@@ -311,14 +312,19 @@ class UpstreamStream(Protocol):
 
     reader: str  # how it reads, for the stream's log line: "socket", "httpx", "demo", ...
     # Optional, `api`: the API that served it, for the log line and metrics ("chat", "responses", "demo").
-    finished: bool  # true once the reply is complete; then finish_reason and usage are final
+    # True once the reply is complete: set by the read that brings the last deltas, or by a later one
+    # that brings none. The relay reads no more after it, and sends finish_reason and usage as they are.
+    finished: bool
     finish_reason: str | None  # "stop", "length", ...
     usage: dict | None  # the upstream's token counts, or None
 
     def read(self, timeout: float) -> list[tuple[str, str]]:
-        """Return the ("content" or "reasoning", text) deltas that arrived within `timeout` seconds; [] if none.
+        """Wait at most `timeout` seconds and return the ("content" or "reasoning", text) deltas that came; [] if none.
 
-        Raise upstream.UpstreamError (its code and sentence become the error event) when the reply fails.
+        Wait in a way gevent can switch from (a socket's timeout, time.sleep): a read that returns []
+        at once, before its timeout, makes the relay spin. When the reply fails, raise
+        upstream.UpstreamError(sentence, error_code, detail): the sentence and the code become the
+        error event, the detail goes to the log only.
         """
 
     def close(self) -> None:

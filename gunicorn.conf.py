@@ -9,6 +9,7 @@ Laid out like gunicorn's own example_config.py: each setting with why, and its s
 Reference: https://gunicorn.org/reference/settings/
 """
 
+import ctypes.util
 import os
 import shutil
 import tempfile
@@ -172,3 +173,32 @@ def child_exit(server, worker):
 def on_exit(server):
     if getattr(server, "made_metrics_dir", None):
         shutil.rmtree(server.made_metrics_dir, ignore_errors=True)
+
+
+#
+# Memory
+#
+#   post_worker_init - Every TRIM_SECONDS (GUNICORN_TRIM_SECONDS, 60; 0: never), hand the heap glibc
+#       has freed back to the system (malloc_trim). A flood of bodies trickled in and cut with 408,
+#       or of streams that hang up, frees its memory, but in pieces glibc keeps: a worker's RSS grew
+#       61 -> 84, 98, 104, 112 MB over four rounds of 900 such bodies, though Python's own objects
+#       (tracemalloc) stayed flat. Trimmed, it levels off after the first round. It runs in a
+#       greenlet of its own, so between requests, never inside one; a trim of 65 MB takes ~2 ms.
+#       Only with glibc (Debian, Ubuntu, Fedora); elsewhere nothing is done.
+#
+
+trim_seconds = float(os.environ.get("GUNICORN_TRIM_SECONDS", 60))
+
+
+def post_worker_init(worker):
+    libc = ctypes.util.find_library("c")
+    malloc_trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
+    if trim_seconds > 0 and malloc_trim is not None:
+        import gevent  # the worker's: gevent has patched the standard library by now
+
+        def trim_now_and_then():
+            while True:
+                gevent.sleep(trim_seconds)
+                malloc_trim(0)
+
+        gevent.spawn(trim_now_and_then)

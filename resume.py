@@ -557,10 +557,14 @@ class FileLogs:
             if self.bell is not None:
                 return
             path = self.bell_path(os.getpid())
-            if os.path.exists(path):
-                os.remove(path)  # a dead worker's, with the same pid
             self.bell = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            self.bell.bind(path)
+            try:
+                if os.path.exists(path):
+                    os.remove(path)  # a dead worker's, with the same pid
+                self.bell.bind(path)
+            except OSError as exc:  # e.g. a path over the 108 bytes a Unix socket may have
+                log.warning("no bell for this worker's streams (stops and followers then wait for a look): %s", exc)
+                return
         threading.Thread(target=self.answer_bell, name="chat-resume-bell", daemon=True).start()
 
     def answer_bell(self):

@@ -18,6 +18,7 @@ from protocols import EventStream
 from upstream import DemoStream, Upstream, UpstreamError
 
 host = Flask(__name__)
+HOST_TOKEN = "host-token-that-looks-like-nothing-42"
 
 
 @host.get("/")
@@ -54,6 +55,7 @@ def ask_fast():
 def upstream_settings():
     """The host's settings for the model, with app.py's DEFAULTS for the rest (read once, not at import)."""
     own = {key: os.environ[key] for key in ("OPENAI_BASE_URL", "OPENAI_API_KEY")} | {"CHAT_HEARTBEAT_SECONDS": 0.2}
+    own["CHAT_API_TOKEN"] = HOST_TOKEN  # nothing here checks it: it is a secret of these settings, for the log
     return ChainMap(own, DEFAULTS)
 
 

@@ -86,3 +86,18 @@ def test_the_readmes_own_view_streams_as_written():
     assert response.status_code == 200
     assert response.get_data().startswith(b": ok\n")
     assert response.get_data().endswith(b"data: [DONE]\n\n")
+
+
+def test_the_relays_own_log_lines_hide_its_settings_secrets(host_view, upstream):
+    """A secret that looks like no key (the settings' CHAT_API_TOKEN), echoed by the upstream mid-stream: the
+    relay's line about it is logged after the request has gone, and still hides it, whole and in pieces."""
+    from host_view_app import HOST_TOKEN
+
+    echoed = {"error": {"message": f"who is {HOST_TOKEN}? or {HOST_TOKEN[:12]}", "type": "server_error"}}
+    upstream.reset(tokens=["Hi"], odd_events=[echoed])
+    reply = post_chat(host_view.url, {"question": "Hi"}, path="/ask-fast")
+
+    assert reply.data[-1]["code"] == "upstream_error"
+    assert wait_for(lambda: "failed: upstream_error" in host_view.log())
+    assert "who is [redacted]? or [redacted]" in host_view.log()
+    assert HOST_TOKEN[:12] not in host_view.log()

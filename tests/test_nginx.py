@@ -8,6 +8,7 @@ import http.client
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import threading
@@ -415,3 +416,120 @@ def test_a_dead_app_server_is_skipped(two_app_servers, upstream):
     assert [reply.data[-1] for reply in replies] == ["[DONE]"] * 6
     assert {served_by(r) for r in upstream.received} == {"b"}
     assert "Connection refused" in proxy.log()  # it was tried, and skipped
+
+
+# --- One address cannot take the site down ------------------------------------------------------
+
+ATTACKERS = 300  # connections from one address: more than the small nginx below has
+SMALL_NGINX = [  # one worker with 256 connections, so that a few hundred prove what 8,500 did to the shipped one
+    with_directive("worker_processes auto;", "worker_processes 1;"),
+    with_directive("worker_connections 4096;", "worker_connections 256;"),
+]
+SLOW_BODY = b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{"
+HALF_HEAD = b"GET /healthz HTTP/1.1\r\nHost: x\r\n"  # the blank line that ends it never comes
+
+
+@pytest.fixture
+def small_nginx(start_nginx, gunicorn):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 4 * ATTACKERS:  # this process holds the attacking sockets
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    return start_nginx("nginx-small", [gunicorn], SMALL_NGINX)
+
+
+def attack(server, start, source="127.0.0.2"):
+    """Hold ATTACKERS connections from `source`, each sending `start` and then a byte a second (in a
+    thread, until the returned event is set). For their first second, any that nginx closes (full, it
+    accepts and closes, or drops one that had not been read yet) is opened again; then never."""
+    sockets, setup_ends = [], time.monotonic() + 1
+    while time.monotonic() < setup_ends:
+        sockets = [sock for sock in sockets if still_open(sock)]
+        while len(sockets) < ATTACKERS and time.monotonic() < setup_ends:
+            sock = socket.socket()
+            sock.bind((source, 0))
+            sock.settimeout(0.2)  # a full backlog drops the handshake: try again in the next round
+            try:
+                sock.connect(("127.0.0.1", server.port))
+                sock.sendall(start)
+                sock.setblocking(False)  # from here on nothing waits: a peek at a silent socket, a byte sent
+                sockets.append(sock)
+            except OSError:
+                sock.close()
+        time.sleep(0.05)
+    stop = threading.Event()
+
+    def trickle():
+        while not stop.wait(1):
+            for sock in sockets:
+                try:
+                    sock.send(b"x")
+                except OSError:
+                    pass
+        for sock in sockets:
+            sock.close()
+
+    threading.Thread(target=trickle, daemon=True).start()
+    return stop
+
+
+def still_open(sock):
+    """Tell whether nginx has not closed this connection (an answer waiting to be read is fine)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
+def another_client_served(server, seconds):
+    """GET /healthz from 127.0.0.1 every 0.2 s for `seconds`: [(seconds since the start, answered 200)]."""
+    started, probes = time.monotonic(), []
+    while (now := time.monotonic() - started) < seconds:
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=1)
+            connection.request("GET", "/healthz")
+            ok = connection.getresponse().status == 200
+            connection.close()
+        except (OSError, http.client.HTTPException):
+            ok = False
+        probes.append((now, ok))
+        time.sleep(max(0.0, 0.2 - (time.monotonic() - started - now)))
+    return probes
+
+
+def served_share(probes, after=0.0):
+    later = [ok for at, ok in probes if at >= after]
+    return sum(later) / len(later)
+
+
+def test_one_address_trickling_bodies_does_not_shut_others_out(small_nginx):
+    """Bodies trickled in on 300 connections from 127.0.0.2 used to hold all of nginx's for as long as
+    they trickled (client_body_timeout counts between reads). Now 30 are let in, and the rest are
+    answered 429 and closed within lingering_time (5 s) however they trickle: the other address is
+    served again by then (the attack's first second included, 6.5 s)."""
+    assert another_client_served(small_nginx, 0.2)[0][1]
+    stop = attack(small_nginx, SLOW_BODY)
+    try:
+        probes = another_client_served(small_nginx, 8)
+    finally:
+        stop.set()
+
+    print(f"another address served: {served_share(probes):.0%} of 8 s, {served_share(probes, 6.5):.0%} after 6.5 s")
+    assert not probes[0][1], "the attack did not fill this nginx: the test proves nothing"
+    assert served_share(probes, 6.5) == 1.0, probes
+
+
+def test_one_address_sending_half_heads_shuts_others_out_only_until_the_header_timeout(small_nginx):
+    """Heads that never end cannot be counted by limit_conn: client_header_timeout (5 s, not the
+    default 60 s; a trickle does not extend it) bounds the outage, and service returns once it expires."""
+    assert another_client_served(small_nginx, 0.2)[0][1]
+    stop = attack(small_nginx, HALF_HEAD)
+    try:
+        probes = another_client_served(small_nginx, 8)
+    finally:
+        stop.set()
+
+    print(f"another address served: {served_share(probes):.0%} of 8 s, {served_share(probes, 6.5):.0%} after 6.5 s")
+    assert not probes[0][1], "the attack did not fill this nginx: the test proves nothing"
+    assert served_share(probes, 6.5) == 1.0, probes

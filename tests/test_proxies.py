@@ -118,7 +118,8 @@ def post(proxy, certificate, body=HI, headers=None, source="127.0.0.1", path="/a
     except http.client.IncompleteRead:  # cut short by the proxy: what arrived is the answer
         pass
     connection.close()
-    return Reply(response.status, dict(response.getheaders()), raw, arrivals, started)
+    headers = {name.title(): value for name, value in response.getheaders()}  # HAProxy sends them in lower case
+    return Reply(response.status, headers, raw, arrivals, started)
 
 
 # --- The stream through each proxy ------------------------------------------------------------------
@@ -132,7 +133,7 @@ def test_stream_arrives_event_by_event_and_uncompressed(proxy, certificate, upst
     reply = post(server, certificate, headers={"Accept-Encoding": "gzip"})
 
     assert reply.status == 200, reply.raw
-    assert "Content-Encoding" not in {name.title() for name in reply.headers}
+    assert "Content-Encoding" not in reply.headers
     assert reply.text == "".join(f"t{i} " for i in range(30))
     assert reply.first_time() < 0.5
     assert reply.arrivals[-1][0] - reply.started > 1.4
@@ -184,6 +185,25 @@ def test_an_abort_in_a_silence_closes_the_upstream(kind, proxies, abort_app, cer
     noticed = received.hung_up_at - closed_at
     print(f"{kind}: the upstream was closed {noticed:.2f} s after the client (heartbeat {ABORT_HEARTBEAT} s)")
     assert noticed < ABORT_NOTICED[kind]
+
+
+def resumed(server, certificate, upstream):
+    """A chat through `server`, then its resume (GET /api/chat/<stream id>, with the owner's cookie): both replies."""
+    upstream.reset(tokens=[f"t{i} " for i in range(5)], delay=0.02)
+    first = post(server, certificate)
+    cookie = first.headers["Set-Cookie"].split(";")[0]
+    path = f"/api/chat/{first.headers['X-Stream-Id']}"
+    return first, post(server, certificate, body=None, path=path, headers={"Cookie": cookie, "Accept-Encoding": "gzip"})
+
+
+def test_a_resume_takes_the_stream_path(proxy, certificate, upstream):
+    """GET /api/chat/<stream id> (Resuming) is a stream too: the same events again, uncompressed."""
+    kind, server = proxy
+    first, again = resumed(server, certificate, upstream)
+
+    assert again.status == 200, again.raw
+    assert "Content-Encoding" not in again.headers
+    assert again.data == first.data
 
 
 def test_metrics_only_from_this_machine(proxy, certificate):
@@ -370,7 +390,10 @@ def test_apache_keeps_the_stream_uncompressed_under_a_compress_everything_filter
     reply = post(server, certificate, headers={"Accept-Encoding": "gzip"})
     page = post(server, certificate, body=None, path="/", headers={"Accept-Encoding": "gzip"})
 
+    first, again = resumed(server, certificate, upstream)
+
     assert reply.status == 200
     assert "Content-Encoding" not in reply.headers
     assert reply.data[-1] == "[DONE]"
+    assert again.status == 200 and "Content-Encoding" not in again.headers  # a resume is in the stream location
     assert page.headers.get("Content-Encoding") == "gzip"  # the premise: this Apache compresses

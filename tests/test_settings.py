@@ -29,6 +29,11 @@ BAD_SETTINGS = [
     ("CHAT_EXTRA_BODY", "[1]", "CHAT_EXTRA_BODY must be a JSON object"),
     ("CHAT_EXTRA_BODY", "{oops", "CHAT_EXTRA_BODY must be a JSON object"),
     ("CHAT_METRICS", "yes", "CHAT_METRICS must be 1 (on), or 0 or unset (off), not 'yes'."),
+    ("CHAT_RESUME_SECONDS", "-1", "CHAT_RESUME_SECONDS must be a number of seconds from 0 to 3600, not -1.0."),
+    ("CHAT_RESUME_KEEP_SECONDS", "0", "CHAT_RESUME_KEEP_SECONDS must be a number of seconds above 0"),
+    ("CHAT_RESUME_MAX_BYTES", "100", "CHAT_RESUME_MAX_BYTES must be an integer from 4096 to 4294967296, not 100."),
+    ("CHAT_RESUME_READERS", "0", "CHAT_RESUME_READERS must be an integer from 1 to 16, not 0."),
+    ("CHAT_RESUME_REDIS_URL", "http://:secret@redis:6379", "CHAT_RESUME_REDIS_URL must be a redis:// URL."),
 ]
 
 
