@@ -301,9 +301,10 @@ def check_token(token):
 # upstream itself, waiting no longer than until the next heartbeat or the nearest deadline. A wait
 # that ends with nothing read is a heartbeat due or a deadline passed: no timer, no second greenlet.
 # Each read becomes one block of bytes, written before the next read, so a stream holds one read's
-# worth of the reply; before each write the relay waits for the browser's socket to have room, at
-# most CHAT_SEND_TIMEOUT. gevent makes every wait cooperative; under the dev server each stream is a
-# thread. The three contracts below are structural: nothing has to import this module to meet them.
+# worth of the reply; no write is let block: the relay waits for the browser's socket to have room
+# (at most CHAT_SEND_TIMEOUT) whenever a write might not fit. gevent makes every wait cooperative;
+# under the dev server each stream is a thread. The three contracts below are structural: nothing
+# has to import this module to meet them.
 
 
 class UpstreamStream(Protocol):
@@ -377,7 +378,7 @@ def relay_response(upstream, encoder, config=None, *, model="-", watcher=None, r
 
 def stream_response(blocks, encoder, request_id):
     """Return the Response that streams `blocks`, with the headers every stream has."""
-    return Response(
+    return StreamResponse(
         blocks,
         # No "Connection: keep-alive": it is hop-by-hop, gunicorn drops it and HTTP/2 forbids it.
         # no-transform: HAProxy's compression (and a CDN's) then leaves the stream alone.
@@ -385,6 +386,30 @@ def stream_response(blocks, encoder, request_id):
         | encoder.headers,
         content_type=encoder.media_type,  # text/event-stream is UTF-8 by definition: no charset needed
     )
+
+
+class StreamResponse(Response):
+    """A Response whose blocks the server takes straight from the generator, which already yields bytes.
+
+    werkzeug would wrap it in two layers that cost a call each per block (iter_encoded, ClosingIterator);
+    the server calls close() on what it iterates however the response ends, and that is the Response's
+    own close(): the generator's, then every call_on_close.
+    """
+
+    def get_app_iter(self, environ):
+        if environ["REQUEST_METHOD"] == "HEAD":
+            return super().get_app_iter(environ)  # no body at all
+        return ServerIterable(self.response, self.close)
+
+
+class ServerIterable:
+    """What a WSGI server iterates (PEP 3333): `blocks` themselves, and a close() it calls at the end."""
+
+    def __init__(self, blocks, close):
+        self.blocks, self.close = blocks, close
+
+    def __iter__(self):
+        return self.blocks
 
 
 def relay(reply, browser):
@@ -796,6 +821,10 @@ def resume_logs(app):
 
 poll_now = get_original("select", "poll")  # the unpatched one: gevent's would switch to its hub just to ask
 WRITE_PIECE = 16 * 1024  # less than a socket that polls writable has room for, so no write blocks midway
+# Linux's TCP polls writable only while the free send buffer is at least half of what is queued, i.e. at
+# least a third of SO_SNDBUF (the kernel's double of SOCKET_BUFFER): after a poll that says so, this much
+# more goes in without blocking, so the relay asks again only when it has written that much.
+ROOM_AFTER_POLL = SOCKET_BUFFER // 4
 
 
 class ClientStalled(Exception):
@@ -813,6 +842,7 @@ class BrowserSocket:
     def __init__(self, sock, config):
         self.sock, self.send_timeout, self.writing_since = sock, config["CHAT_SEND_TIMEOUT"], None
         self.last_write = time.monotonic()
+        self.room = 0  # bytes the socket surely takes without blocking, from the last poll that said writable
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
             sock.settimeout(self.send_timeout)  # a backstop: a write that still blocks midway gives up too
@@ -829,20 +859,31 @@ class BrowserSocket:
     def send(self, data, deadline=None):
         """Yield `data` for the server to write, in pieces, each once the socket has room for it.
 
+        It asks the kernel (a poll) only when what it wrote since the last answer may have used up the
+        room that answer promised (ROOM_AFTER_POLL): for small events, once in hundreds of writes.
+
         A browser whose socket takes nothing for CHAT_SEND_TIMEOUT seconds, or until `deadline`, has
         stalled: ClientStalled.
         """
         for start in range(0, len(data), WRITE_PIECE):
-            if not self.has_room():
-                wait = self.send_timeout if deadline is None else min(self.send_timeout, deadline - time.monotonic())
-                poller = select.poll()  # gevent's, under gunicorn: the wait blocks only this stream
-                poller.register(self.sock, select.POLLOUT)
-                if not poller.poll(max(0.0, wait) * 1000):
-                    raise ClientStalled
+            piece = data[start : start + WRITE_PIECE]
+            if len(piece) > self.room:
+                self.wait_for_room(deadline)
+            self.room -= len(piece)
             self.writing_since = time.monotonic()
-            yield data[start : start + WRITE_PIECE]
+            yield piece
             self.writing_since = None
         self.last_write = time.monotonic()
+
+    def wait_for_room(self, deadline):
+        """Wait until a write would go through; ClientStalled after CHAT_SEND_TIMEOUT, or at `deadline`."""
+        if not self.has_room():
+            wait = self.send_timeout if deadline is None else min(self.send_timeout, deadline - time.monotonic())
+            poller = select.poll()  # gevent's, under gunicorn: the wait blocks only this stream
+            poller.register(self.sock, select.POLLOUT)
+            if not poller.poll(max(0.0, wait) * 1000):
+                raise ClientStalled
+        self.room = ROOM_AFTER_POLL
 
     def has_room(self, events=select.POLLOUT):
         """Tell, without waiting, whether a write would go through (or, with POLLIN, a read)."""

@@ -12,6 +12,7 @@ import os
 import platform
 import resource
 import shlex
+import shutil
 import signal
 import socket
 import statistics
@@ -323,7 +324,8 @@ def start_service(tag, upstream_port, settings):
 def start_nginx(tag, app_port, replace=()):
     """nginx.conf as shipped, but for its address, its paths and `replace` ((old, new) pairs), in the foreground."""
     directory = LOGS / f"nginx-{tag}"
-    directory.mkdir(exist_ok=True)
+    shutil.rmtree(directory, ignore_errors=True)  # its logs are this run's alone
+    directory.mkdir()
     port = free_port()
     text = (ROOT / "nginx.conf").read_text()
     temp_paths = "".join(f"\n    {kind}_temp_path {directory}/{kind};" for kind in ("client_body", "proxy"))

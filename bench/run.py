@@ -625,7 +625,10 @@ def run_s8(subjects, p, options):
             continue  # the peers and the floor have no resume
         upstream_args = {"tokens": p["tokens"], "interval": 1 / p["rate"]}
         timeout = p["ramp"] + p["tokens"] / p["rate"] + 30
+        # A resumed reader is a stream of its own while its generation still holds a slot: room for both.
+        both = 2 * p["streams"]
         flags = {"cut_after": p["cut_after"], "pause": p["pause"]}
+        flags["settings"] = {"CHAT_MAX_STREAMS": str(both + 50), "GUNICORN_WORKER_CONNECTIONS": str(both + 100)}
         result = measured(options, subject, "S8", upstream_args, p["streams"], p["ramp"], timeout, **flags)
         resumed = result.get("resumed") or {}
         result["kb_per_kept_stream"] = (
@@ -747,21 +750,25 @@ SCENARIOS = {
         report=report_s6,
     ),
     # Through nginx, so every stream gets its own client address (limit_conn: 10 per address). What it
-    # needs beyond the README's deploy section is listed here and printed under its table.
+    # needs beyond the README's deploy section is listed here and printed under its table. 250 new
+    # streams a second: what two cores start while they relay (S6); faster, gunicorn's accept queue
+    # (backlog 2048) fills, and the kernel drops SYNs that come back 1, 3, 7 s later.
     "S7": Scenario(
         "S7: {streams} streams ({rate} tokens/s, {seconds} s each, ramped over {ramp} s) through nginx.conf "
         "to gunicorn.conf.py, on the whole machine",
-        full={"streams": 10_000, "rate": 5, "seconds": 60, "ramp": 20, "settings": S7_SETTINGS, "nginx": S7_NGINX},
-        quick={"streams": 2_000, "rate": 5, "seconds": 20, "ramp": 4, "settings": S7_SETTINGS, "nginx": S7_NGINX},
+        full={"streams": 10_000, "rate": 5, "seconds": 60, "ramp": 40, "settings": S7_SETTINGS, "nginx": S7_NGINX},
+        quick={"streams": 2_000, "rate": 5, "seconds": 20, "ramp": 8, "settings": S7_SETTINGS, "nginx": S7_NGINX},
         run=run_s7,
         report=report_s7,
     ),
-    # Issue 17's resume: each stream is cut after cut_after events, and resumed pause s later.
+    # Issue 17's resume: each stream is cut after cut_after events, and resumed pause s later. 10 tokens/s:
+    # 1,000 generations going on with no reader at 50 tokens/s would be S2 at C=1,000, past what one core
+    # relays, and the figure would be that overload's, not the resume's.
     "S8": Scenario(
         "S8: resume: {streams} streams ({tokens} tokens at {rate}/s) cut after {cut_after} events, "
         "resumed {pause} s later by Last-Event-ID",
-        full={"streams": 1000, "tokens": 500, "rate": 50, "ramp": 2, "cut_after": 50, "pause": 1.0},
-        quick={"streams": 300, "tokens": 150, "rate": 50, "ramp": 1, "cut_after": 25, "pause": 1.0},
+        full={"streams": 1000, "tokens": 200, "rate": 10, "ramp": 2, "cut_after": 20, "pause": 1.0},
+        quick={"streams": 300, "tokens": 100, "rate": 10, "ramp": 1, "cut_after": 10, "pause": 1.0},
         run=run_s8,
         report=report_s8,
     ),
@@ -918,7 +925,7 @@ TARGETS = [
         s2_versus_floor,
     ),
     Target("S2 CPU per event ≤ Express's at every C", {}, s2_versus_express),
-    Target("S2 p99 added latency < {ms} ms up to C={upto}", {"ms": 20, "upto": 400}, s2_p99),
+    Target("S2 p99 added latency < {ms} ms up to C={upto}", {"ms": 20, "upto": 600}, s2_p99),
     Target("S3 ≤ {kb} KB per idle open stream", {"kb": 40}, s3_per_stream),
     Target("S3 {streams:,} idle streams in one worker", {"streams": 10_000}, s3_streams),
     Target("S4 first event of the first request after a start ≤ {ms} ms", {"ms": 100}, s4_first_event),
