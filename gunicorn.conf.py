@@ -43,10 +43,11 @@ backlog = int(os.environ.get("GUNICORN_BACKLOG", 2048))
 #   worker_connections - Connections one worker holds at once: open streams plus idle keep-alive
 #       connections from nginx. Past it, the worker stops accepting until one closes, so keep the
 #       app's CHAT_MAX_STREAMS below it (by nginx's `keepalive`, 32 per nginx worker) for its 503
-#       to answer first. Each stream costs 2 file descriptors (the client's socket and the one to
-#       the model), so the process's descriptor limit (systemd LimitNOFILE, `ulimit -n`) must
-#       exceed 2 x worker_connections plus slack (~100 for logs, the listening socket, the SDK's
-#       pool); the README's unit sets 65536. Range 100-10000 per worker.
+#       to answer first. Each stream costs 3 file descriptors (the client's socket, the one to the
+#       model, and its resume log's mapping: Python's mmap keeps a descriptor of its own), so the
+#       process's descriptor limit (systemd LimitNOFILE, `ulimit -n`) must exceed 3 x
+#       worker_connections plus slack (~100 for logs, the listening socket, the SDK's pool); the
+#       README's unit sets 65536. Range 100-10000 per worker.
 #
 #   timeout - NOT the length of a request. For gevent workers it is the worker process's heartbeat:
 #       the master kills a worker that has not checked in for this many seconds, i.e. one whose
