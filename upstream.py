@@ -535,7 +535,26 @@ def json_payload(line):
         raise malformed() from None
 
 
-class ChatChunks:
+class Dialect:
+    """What both dialects share: SSE `data:` lines, each a JSON object for add(), or `[DONE]`.
+
+    Blank lines end events, ":" lines are comments, and Responses' `event:` lines repeat the data's type.
+    """
+
+    def __init__(self):
+        self.done, self.finish_reason, self.usage = False, None, None
+
+    def parse(self, lines, deltas):
+        for line in lines:
+            if line.startswith(b"data:"):
+                payload = json_payload(line)
+                if payload == "[DONE]":
+                    self.done = True
+                elif isinstance(payload, dict):
+                    self.add(payload, deltas)
+
+
+class ChatChunks(Dialect):
     """The chat.completions dialect: each `data:` line a chat.completion.chunk, then `data: [DONE]`.
 
     A dialect offers parse(lines, deltas), adding the (kind, text) deltas of SSE lines to `deltas` and
@@ -547,21 +566,9 @@ class ChatChunks:
 
     api, lacks, path = "chat", (), "/chat/completions"
 
-    def __init__(self):
-        self.done, self.finish_reason, self.usage = False, None, None
-
     @staticmethod
     def endpoint(sdk):
         return sdk.chat.completions.with_streaming_response
-
-    def parse(self, lines, deltas):
-        for line in lines:
-            if line.startswith(b"data:"):  # blank lines end events; ":" lines are comments
-                chunk = json_payload(line)
-                if chunk == "[DONE]":
-                    self.done = True
-                elif isinstance(chunk, dict):
-                    self.add(chunk, deltas)
 
     def add(self, chunk, deltas):
         if chunk.get("error"):
@@ -587,7 +594,7 @@ class ChatChunks:
                 deltas.append(("content", content))
 
 
-class ResponsesEvents:
+class ResponsesEvents(Dialect):
     """The Responses API's dialect: `event:` and `data:` lines, each data line a typed event (its `type`).
 
     The events are openai-python's types (openai.types.responses): text, refusal and reasoning deltas;
@@ -607,21 +614,12 @@ class ResponsesEvents:
     FINISH_REASONS = {"max_output_tokens": "length", "content_filter": "content_filter"}
 
     def __init__(self):
-        self.done, self.finish_reason, self.usage = False, None, None
+        super().__init__()
         self.part = None  # the reasoning part the last reasoning delta belonged to
 
     @staticmethod
     def endpoint(sdk):
         return sdk.responses.with_streaming_response
-
-    def parse(self, lines, deltas):
-        for line in lines:
-            if line.startswith(b"data:"):  # the `event:` line repeats the data's type
-                event = json_payload(line)
-                if event == "[DONE]":
-                    self.done = True
-                elif isinstance(event, dict):
-                    self.add(event, deltas)
 
     def add(self, event, deltas):
         if not isinstance(event.get("type"), str):
